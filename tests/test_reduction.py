@@ -1,0 +1,602 @@
+"""Token reduction: STORM's row/column passes, the baselines, schedules and the FLOPs budget solver.
+
+Outputs are compared with the loop implementations in tests/references/reduction_reference.py; structural
+properties (dense grids, adjacency of merged tokens, conservation of sums, batch independence) are checked
+with hypothesis over odd/even, non-square grids; the solver runs against a small synthetic backbone whose
+FLOPs and grids are written out here independently of the mixin.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from references import reduction_reference as ref
+from storm_hf.reduction import (
+    StormConfig,
+    StormMixin,
+    reduce_tokens,
+    storm_plan,
+    plan_reduction,
+    window_budgets,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "storm"
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _maps(seed: int, b: int, h: int, w: int, c: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, w, c, generator=g, dtype=dtype), torch.randn(b, h, w, c, generator=g, dtype=dtype)
+
+
+def _t(nested) -> torch.Tensor:
+    return torch.tensor(nested, dtype=torch.float64)
+
+
+@st.composite
+def storm_case(draw, max_side=64):
+    h = draw(st.integers(2, max_side))
+    w = draw(st.integers(2, max_side))
+    out_h = draw(st.integers(-(-h // 2), h))
+    out_w = draw(st.integers(-(-w // 2), w))
+    return h, w, out_h, out_w, draw(st.integers(1, 8)), draw(st.integers(0, 2**16))
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_config_round_trips_through_json():
+    cfg = StormConfig(method="storm_evit", schedule=[{"stage": 0, "block": 1, "size": [7, 6]}], window=3,
+                      importance="l2", merge_mode="mean", seed=4)
+    d = cfg.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert StormConfig.from_any(d) == cfg
+    assert StormConfig.from_any(None).method == "none" and not StormConfig.from_any(None).enabled
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"method": "pool"}, "Unknown reduction method"),
+        ({"speed": 2}, "Unknown StormConfig field"),
+        ({"similarity": "dot"}, "Unknown similarity"),
+        ({"importance": "max"}, "Unknown importance"),
+        ({"merge_mode": "max"}, "Unknown merge_mode"),
+        ({"flops_ratio": 1.0}, r"\[0, 1\)"),
+        ({"flops_ratio": -0.1}, r"\[0, 1\)"),
+        ({"window": 0}, "window must be a positive integer"),
+        ({"flops_ratio": 0.2, "schedule": []}, "not both"),
+        ({"schedule": [{"stage": 0, "block": 1}]}, "Each schedule entry"),
+        ({"schedule": [{"stage": 0, "block": 1, "size": [0, 3]}]}, "below 1x1"),
+        ({"schedule": [{"stage": -1, "block": 1, "size": [3, 3]}]}, "non-negative"),
+        ({"positions": [[0]]}, "positions must be"),
+    ],
+)
+def test_config_rejects_bad_values(value, message):
+    with pytest.raises(ValueError, match=message):
+        StormConfig.from_any(value)
+
+
+def test_window_budgets_match_reference_split():
+    for n in range(1, 26):
+        for window in range(1, 8):
+            for budget in range(n + 1):
+                _, expected = ref.spread(n, budget, window)
+                assert list(window_budgets(n, budget, window)) == expected, (n, budget, window)
+
+
+# ------------------------------------------------------------------------------------- STORM passes
+
+
+def _check_line_pairs(slots: torch.Tensor, out_len: int, drop: bool):
+    """Each output slot of a line holds one token or the local pair (2j, 2j+1); dropped = even of a pair."""
+    for line in slots.reshape(-1, slots.shape[-1]).tolist():
+        members: dict[int, list[int]] = {}
+        for t, s in enumerate(line):
+            members.setdefault(s, []).append(t)
+        assert sorted(k for k in members if k != out_len) == list(range(out_len))
+        for s, toks in members.items():
+            if s == out_len:  # dropped: an even token whose odd partner survives alone
+                assert drop and all(t % 2 == 0 and t + 1 < len(line) and line[t + 1] < out_len for t in toks)
+            elif len(toks) == 2:
+                assert toks[0] % 2 == 0 and toks[1] == toks[0] + 1
+            else:
+                assert len(toks) == 1
+        kept = [line[t] for t in range(len(line)) if line[t] < out_len]
+        assert kept == sorted(kept)  # survivors keep their order
+
+
+@FAST
+@given(case=storm_case(), similarity=st.sampled_from(["l1", "cosine", "l2"]),
+       mode=st.sampled_from(["sum", "mean", "drop"]))
+def test_storm_tome_merges_only_local_pairs_and_keeps_a_dense_grid(case, similarity, mode):
+    h, w, out_h, out_w, window, seed = case
+    x, branch = _maps(seed, 2, h, w, 3)
+    plan, row_slots, col_slots = storm_plan(x, (out_h, out_w), kind="tome", window=window,
+                                            similarity=similarity, merge_mode=mode)
+    assert row_slots.shape == (2, h, w) and col_slots.shape == (2, out_w, h)
+    _check_line_pairs(row_slots, out_w, drop=mode == "drop")
+    _check_line_pairs(col_slots, out_h, drop=mode == "drop")
+    # composed plan: every output cell draws from rows {2i, 2i+1} only, 1 to 4 tokens
+    dest = plan.dest.view(2, h, w)
+    for b in range(2):
+        for cell in range(out_h * out_w):
+            rows = (dest[b] == cell).nonzero()[:, 0].unique().tolist()
+            assert 1 <= len(rows) <= 2 and (len(rows) == 1 or (rows[0] % 2 == 0 and rows[1] == rows[0] + 1))
+    cfg = StormConfig(method="storm_tome", window=window, similarity=similarity, merge_mode=mode)
+    out, out_branch, _ = reduce_tokens(cfg, x, branch, (out_h, out_w))
+    assert out.shape == out_branch.shape == (2, out_h, out_w, 3)
+    if mode == "sum":  # STORM sums: the width pass keeps every row's sum, both passes the total
+        rows_only, _, _ = reduce_tokens(cfg, x, branch, (h, out_w))
+        torch.testing.assert_close(rows_only.sum(2), x.sum(2))
+        torch.testing.assert_close(out.sum((1, 2)), x.sum((1, 2)))
+    single, single_branch, _ = reduce_tokens(cfg, x[1:], branch[1:], (out_h, out_w))
+    torch.testing.assert_close(single, out[1:], rtol=0, atol=0)
+    torch.testing.assert_close(single_branch, out_branch[1:], rtol=0, atol=0)
+
+
+@FAST
+@given(case=storm_case(), importance=st.sampled_from(["abs_mean", "mean", "l2"]))
+def test_storm_evit_keeps_quota_per_window_in_order(case, importance):
+    h, w, _, _, window, seed = case
+    g = torch.Generator().manual_seed(seed)
+    out_h, out_w = int(torch.randint(1, h + 1, (1,), generator=g)), int(torch.randint(1, w + 1, (1,), generator=g))
+    x, branch = _maps(seed, 2, h, w, 3)
+    plan, row_slots, col_slots = storm_plan(x, (out_h, out_w), kind="evit", window=window, importance=importance)
+    for line in row_slots.reshape(-1, w).tolist():
+        wins, drops = ref.spread(w, w - out_w, window)
+        for (s, e), d in zip(wins, drops):
+            assert sum(v == out_w for v in line[s:e]) == d
+        kept = [v for v in line if v < out_w]
+        assert kept == list(range(out_w))
+    cfg = StormConfig(method="storm_evit", window=window, importance=importance)
+    out, out_branch, sizes = reduce_tokens(cfg, x, branch, (out_h, out_w))
+    assert out.shape == (2, out_h, out_w, 3) and sizes is None
+    # pure drop: every output token is an input token, taken from the same sample, same place in both maps
+    src = plan._sources()
+    torch.testing.assert_close(out.reshape(2, -1, 3), x.reshape(2, -1, 3).gather(1, src[..., None].expand(-1, -1, 3)))
+    torch.testing.assert_close(out_branch.reshape(2, -1, 3),
+                               branch.reshape(2, -1, 3).gather(1, src[..., None].expand(-1, -1, 3)))
+    single, _, _ = reduce_tokens(cfg, x[:1], branch[:1], (out_h, out_w))
+    torch.testing.assert_close(single, out[:1], rtol=0, atol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=storm_case(max_side=11), similarity=st.sampled_from(["l1", "cosine", "l2"]),
+       mode=st.sampled_from(["sum", "mean", "drop"]), with_sizes=st.booleans())
+def test_storm_tome_matches_loop_reference(case, similarity, mode, with_sizes):
+    h, w, out_h, out_w, window, seed = case
+    x, branch = _maps(seed, 2, h, w, 3)
+    sizes = torch.randint(1, 4, (2, h, w), generator=torch.Generator().manual_seed(seed)).double() if with_sizes else None
+    cfg = StormConfig(method="storm_tome", window=window, similarity=similarity, merge_mode=mode)
+    out, out_branch, out_sizes = reduce_tokens(cfg, x, branch, (out_h, out_w), sizes=sizes)
+    e_res, e_br, e_sizes = ref.storm_tome(x.tolist(), branch.tolist(), (out_h, out_w), window, similarity, mode,
+                                          None if sizes is None else sizes.tolist())
+    torch.testing.assert_close(out, _t(e_res))
+    torch.testing.assert_close(out_branch, _t(e_br))
+    if with_sizes or mode == "mean":
+        torch.testing.assert_close(out_sizes, _t(e_sizes))
+    if with_sizes and mode == "mean":  # size-weighted mean conserves sum(size * x)
+        torch.testing.assert_close((out * out_sizes[..., None]).sum((1, 2)), (x * sizes[..., None]).sum((1, 2)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=storm_case(max_side=11), importance=st.sampled_from(["abs_mean", "mean", "l2"]))
+def test_storm_evit_matches_loop_reference(case, importance):
+    h, w, _, _, window, seed = case
+    out_hw = (max(1, h - seed % h), max(1, w - (seed // 7) % w))
+    x, branch = _maps(seed, 2, h, w, 3)
+    cfg = StormConfig(method="storm_evit", window=window, importance=importance)
+    out, out_branch, _ = reduce_tokens(cfg, x, branch, out_hw)
+    e_res, e_br = ref.storm_evit(x.tolist(), branch.tolist(), out_hw, window, importance)
+    torch.testing.assert_close(out, _t(e_res), rtol=0, atol=0)
+    torch.testing.assert_close(out_branch, _t(e_br), rtol=0, atol=0)
+
+
+def test_storm_windows_confine_merges():
+    """A row whose most similar pairs all sit in the first window still merges in every window."""
+    w = 20  # 10 pairs = two windows of 5 pairs, budget 4 -> 2 merges per window
+    row = torch.arange(w, dtype=torch.float64).repeat_interleave(1).view(1, 1, w, 1) * 10.0
+    row[0, 0, 1::2, 0] = row[0, 0, 0::2, 0] + torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 5, 6, 7, 8, 9], dtype=torch.float64)
+    _, slots, _ = storm_plan(row, (1, 16), kind="tome", window=5)
+    merged_pairs = [t // 2 for t in range(0, w, 2) if slots[0, 0, t] == slots[0, 0, t + 1]]
+    assert merged_pairs == [0, 1, 5, 6]
+    _, slots, _ = storm_plan(row, (1, 16), kind="tome", window=10)
+    assert [t // 2 for t in range(0, w, 2) if slots[0, 0, t] == slots[0, 0, t + 1]] == [0, 1, 2, 3]
+
+
+def test_window_default_comes_from_backbone_unless_configured():
+    x, branch = _maps(0, 1, 1, 40, 2)
+    plain = StormConfig(method="storm_evit")
+    for window, defaults in [(5, None), (20, {"storm_evit": 20})]:
+        expected, _ = ref.storm_evit(x.tolist(), branch.tolist(), (1, 30), window, "abs_mean")
+        out, _, _ = reduce_tokens(plain, x, branch, (1, 30), window_defaults=defaults)
+        torch.testing.assert_close(out, _t(expected), rtol=0, atol=0)
+    expected, _ = ref.storm_evit(x.tolist(), branch.tolist(), (1, 30), 3, "abs_mean")
+    out, _, _ = reduce_tokens(plain.replace(window=3), x, branch, (1, 30), window_defaults={"storm_evit": 20})
+    torch.testing.assert_close(out, _t(expected), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ baselines
+
+
+@st.composite
+def flat_case(draw, max_side=24, half=False):
+    h, w = draw(st.integers(2, max_side)), draw(st.integers(2, max_side))
+    out_h, out_w = draw(st.integers(1, h)), draw(st.integers(1, w))
+    if half:
+        while 2 * out_h * out_w < h * w:
+            out_h, out_w = min(h, out_h + 1), min(w, out_w + 1)
+    return h, w, out_h, out_w, draw(st.integers(0, 2**16))
+
+
+def _raster_positions(plan_dest: torch.Tensor, n_out: int) -> list[list[int]]:
+    """For drop-only plans: the input raster index held by each output slot."""
+    out = []
+    for row in plan_dest.tolist():
+        slots = {s: t for t, s in enumerate(row) if s < n_out}
+        out.append([slots[s] for s in range(n_out)])
+    return out
+
+
+@FAST
+@given(case=flat_case(), method=st.sampled_from(["evit", "random", "top", "mtr_drop", "tome_drop"]))
+def test_dropping_baselines_keep_exact_counts_and_raster_order(case, method):
+    h, w, out_h, out_w, seed = case
+    if method == "tome_drop" and 2 * out_h * out_w < h * w:
+        out_h, out_w = h, -(-w // 2)
+    x, branch = _maps(seed, 2, h, w, 3)
+    delta = torch.randn(2, h, w, dtype=torch.float64)
+    name, _, drop = method.partition("_")
+    cfg = StormConfig(method=name, merge_mode="drop" if drop else None, seed=seed)
+    plan = plan_reduction(cfg, x, branch, (out_h, out_w), extras={"delta": delta})
+    out, out_branch, _ = reduce_tokens(cfg, x, branch, (out_h, out_w), extras={"delta": delta})
+    assert out.shape == out_branch.shape == (2, out_h, out_w, 3)
+    n = out_h * out_w
+    for b, kept in enumerate(_raster_positions(plan.dest, n)):
+        assert kept == sorted(kept) and len(set(kept)) == n
+        torch.testing.assert_close(out[b].reshape(n, 3), x[b].reshape(-1, 3)[kept], rtol=0, atol=0)
+        torch.testing.assert_close(out_branch[b].reshape(n, 3), branch[b].reshape(-1, 3)[kept], rtol=0, atol=0)
+
+
+@FAST
+@given(case=flat_case(half=True), method=st.sampled_from(["tome", "mtr"]))
+def test_merging_baselines_conserve_size_weighted_sums(case, method):
+    h, w, out_h, out_w, seed = case
+    x, branch = _maps(seed, 2, h, w, 3)
+    sizes = torch.randint(1, 5, (2, h, w), generator=torch.Generator().manual_seed(seed)).double()
+    cfg = StormConfig(method=method)
+    out, out_branch, out_sizes = reduce_tokens(cfg, x, branch, (out_h, out_w), sizes=sizes,
+                                               extras={"delta": torch.randn(2, h, w)})
+    assert out.shape == (2, out_h, out_w, 3) and out_sizes.shape == (2, out_h, out_w)
+    torch.testing.assert_close(out_sizes.sum((1, 2)), sizes.sum((1, 2)))
+    for a, b in ((out, x), (out_branch, branch)):
+        torch.testing.assert_close((a * out_sizes[..., None]).sum((1, 2)), (b * sizes[..., None]).sum((1, 2)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=flat_case(max_side=7), importance=st.sampled_from(["mean", "abs_mean", "l2"]))
+def test_evit_and_top_match_loop_reference(case, importance):
+    h, w, out_h, out_w, seed = case
+    x, branch = _maps(seed, 2, h, w, 3)
+    signal = torch.randn(2, h, w, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    out, out_br, _ = reduce_tokens(StormConfig(method="evit", importance=importance), x, branch, (out_h, out_w))
+    e_res, e_br = ref.evit(x.tolist(), branch.tolist(), (out_h, out_w), importance)
+    torch.testing.assert_close(out, _t(e_res), rtol=0, atol=0)
+    torch.testing.assert_close(out_br, _t(e_br), rtol=0, atol=0)
+    for extras, sig in (({}, None), ({"branch": signal}, signal.tolist())):
+        out, out_br, _ = reduce_tokens(StormConfig(method="top"), x, branch, (out_h, out_w), extras=extras)
+        e_res, e_br = ref.top(x.tolist(), branch.tolist(), (out_h, out_w), sig)
+        torch.testing.assert_close(out, _t(e_res), rtol=0, atol=0)
+        torch.testing.assert_close(out_br, _t(e_br), rtol=0, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=flat_case(max_side=7, half=True), mode=st.sampled_from(["mean", "sum", "drop"]), with_sizes=st.booleans())
+def test_tome_matches_loop_reference(case, mode, with_sizes):
+    h, w, out_h, out_w, seed = case
+    x, branch = _maps(seed, 2, h, w, 3)
+    sizes = torch.randint(1, 4, (2, h, w), generator=torch.Generator().manual_seed(seed)).double() if with_sizes else None
+    cfg = StormConfig(method="tome", merge_mode=mode)
+    out, out_br, out_sizes = reduce_tokens(cfg, x, branch, (out_h, out_w), sizes=sizes)
+    e_res, e_br, e_sizes = ref.tome(x.tolist(), branch.tolist(), (out_h, out_w), mode,
+                                    None if sizes is None else sizes.tolist())
+    torch.testing.assert_close(out, _t(e_res))
+    torch.testing.assert_close(out_br, _t(e_br))
+    if out_sizes is not None:
+        torch.testing.assert_close(out_sizes, _t(e_sizes))
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=flat_case(max_side=7), mode=st.sampled_from(["mean", "drop"]))
+def test_mtr_matches_loop_reference(case, mode):
+    h, w, out_h, out_w, seed = case
+    x, branch = _maps(seed, 2, h, w, 3)
+    delta = torch.randn(2, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
+    cfg = StormConfig(method="mtr", merge_mode=mode)
+    out, out_br, _ = reduce_tokens(cfg, x, branch, (out_h, out_w), extras={"delta": delta})
+    e_res, e_br = ref.mtr(x.tolist(), branch.tolist(), (out_h, out_w), delta.tolist(), mode)
+    torch.testing.assert_close(out, _t(e_res))
+    torch.testing.assert_close(out_br, _t(e_br))
+
+
+def test_random_is_seeded_shared_across_batch_and_per_sample_equal():
+    ids = torch.arange(2 * 9 * 8, dtype=torch.float64).view(2, 9, 8, 1) % 72
+    cfg = StormConfig(method="random", seed=3)
+    a, _, _ = reduce_tokens(cfg, ids, ids, (6, 7))
+    b, _, _ = reduce_tokens(cfg, ids, ids, (6, 7))
+    c, _, _ = reduce_tokens(cfg.replace(seed=4), ids, ids, (6, 7))
+    single, _, _ = reduce_tokens(cfg, ids[1:], ids[1:], (6, 7))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[0], a[1]) and torch.equal(single, a[1:])
+    kept = a[0].flatten().tolist()
+    assert kept == sorted(kept) and len(set(kept)) == 42
+
+
+def test_top_score_is_clipped():
+    """Token 0 has the largest raw channel sum, token 1 the largest clipped one: ToP keeps token 1."""
+    x = torch.zeros(1, 1, 2, 1)
+    signal = torch.tensor([[[[3.0, 0.0], [4.0, -3.0]]]])
+    out, _, _ = reduce_tokens(StormConfig(method="top"), x + torch.tensor([[[[0.0], [1.0]]]]), x, (1, 1),
+                              extras={"branch": signal})
+    assert out.item() == 1.0
+
+
+# ----------------------------------------------------------------------------------- identity & errors
+
+
+@pytest.mark.parametrize("method", ["none", "storm_tome", "storm_evit", "evit", "tome", "random", "top", "mtr"])
+def test_unchanged_grid_returns_the_inputs_themselves(method):
+    x, branch = _maps(0, 2, 5, 6, 3)
+    sizes = torch.ones(2, 5, 6)
+    out = reduce_tokens(StormConfig(method=method), x, branch, (5, 6), sizes=sizes)
+    assert out[0] is x and out[1] is branch and out[2] is sizes
+
+
+@pytest.mark.parametrize(
+    "method, shape, out_hw, extras, message",
+    [
+        ("none", (1, 4, 4, 2), (3, 3), None, "Reduction is off"),
+        ("storm_tome", (1, 16, 2), (3, 3), None, r"\(B, H, W, C\)"),
+        ("storm_tome", (1, 4, 4, 2), (5, 4), None, "larger than the current"),
+        ("storm_tome", (1, 8, 8, 2), (3, 8), None, "at most once per step"),
+        ("storm_evit", (1, 4, 4, 2), (0, 4), None, "below 1x1"),
+        ("tome", (1, 8, 8, 2), (4, 7), None, "at most half"),
+        ("mtr", (1, 4, 4, 2), (3, 3), None, r"extras\['delta'\]"),
+        ("mtr", (1, 4, 4, 2), (3, 3), {"delta": torch.zeros(1, 16)}, r"extras\['delta'\]"),
+    ],
+)
+def test_bad_steps_fail_clearly(method, shape, out_hw, extras, message):
+    x = torch.randn(*shape)
+    with pytest.raises(ValueError, match=message):
+        reduce_tokens(StormConfig(method=method), x, x.clone(), out_hw, extras=extras)
+
+
+def test_branch_shape_mismatch_fails_clearly():
+    with pytest.raises(ValueError, match="same shape"):
+        reduce_tokens(StormConfig(method="evit"), torch.randn(1, 4, 4, 2), torch.randn(1, 4, 4, 3), (3, 3))
+
+
+def test_gradients_flow_through_both_maps():
+    x, branch = _maps(1, 1, 6, 6, 2)
+    x.requires_grad_(True)
+    branch.requires_grad_(True)
+    out, out_branch, _ = reduce_tokens(StormConfig(method="storm_tome"), x, branch, (4, 4))
+    (out.sum() + 2 * out_branch.sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x)) and torch.equal(branch.grad, 2 * torch.ones_like(branch))
+
+
+# ------------------------------------------------------------------------- schedules and the solver
+
+
+class TinyHierarchical(StormMixin):
+    """A VMamba-like stand-in: /4 stem, stride-2 (ceil) downsampling between stages; a block costs
+    11*d^2 per token in its mixer (at the input grid) and 8*d^2 per token in its MLP (after reducing)."""
+
+    def __init__(self, storm=None, depths=(2, 2, 8, 2), dims=(96, 192, 384, 768), image_size=224):
+        self.depths, self.dims = depths, dims
+        self.config = SimpleNamespace(storm=StormConfig.from_any(storm).to_dict(), image_size=image_size,
+                                      dims=list(dims))
+        self.flops_calls = 0
+
+    def _natural_grids(self, image_size):
+        h, w = -(-image_size[0] // 4), -(-image_size[1] // 4)
+        grids = {}
+        for s, depth in enumerate(self.depths):
+            if s:
+                h, w = -(-h // 2), -(-w // 2)
+            for b in range(depth):
+                grids[(s, b)] = (h, w)
+        return grids
+
+    def _flops(self, image_size, schedule):
+        self.flops_calls += 1
+        h, w = -(-image_size[0] // 4), -(-image_size[1] // 4)
+        total = 48 * self.dims[0] * h * w
+        for s, (depth, d) in enumerate(zip(self.depths, self.dims)):
+            if s:
+                h, w = -(-h // 2), -(-w // 2)
+                total += 9 * self.dims[s - 1] * d * h * w
+            for b in range(depth):
+                total += 11 * d * d * h * w
+                h, w = schedule.get((s, b), (h, w))
+                total += 8 * d * d * h * w
+        return SimpleNamespace(total=total)
+
+
+class TinyPlain(TinyHierarchical):
+    """A PlainMamba/Vim-like single-stage stand-in (stage 0, layer index as block)."""
+
+    def __init__(self, storm=None, depth=12):
+        super().__init__(storm, depths=(depth,), dims=(64,))
+
+    def _natural_grids(self, image_size):
+        return {(0, b): (image_size[0] // 16, image_size[1] // 16) for b in range(self.depths[0])}
+
+    def _flops(self, image_size, schedule):
+        h, w = image_size[0] // 16, image_size[1] // 16
+        total = 0
+        for b in range(self.depths[0]):
+            total += 10 * h * w
+            h, w = schedule.get((0, b), (h, w))
+            total += 6 * h * w
+        return SimpleNamespace(total=total)
+
+
+def _cut(model, size, schedule):
+    return 1 - model._flops(size, schedule).total / model._flops(size, {}).total
+
+
+def _check_monotone(model, size, schedule):
+    grids = model.storm_grids(size, schedule)
+    for pos, target in schedule.items():
+        assert target[0] <= grids[pos][0] and target[1] <= grids[pos][1]
+
+
+@pytest.mark.parametrize("method", ["storm_tome", "storm_evit", "tome"])
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.4])
+def test_solver_hits_the_flops_budget_with_square_non_increasing_grids(method, ratio):
+    model = TinyHierarchical({"method": method, "flops_ratio": ratio})
+    schedule = model.storm_schedule((224, 224))
+    assert abs(_cut(model, (224, 224), schedule) - ratio) <= 0.01
+    assert all(h == w for h, w in schedule.values())
+    _check_monotone(model, (224, 224), schedule)
+    again = TinyHierarchical({"method": method, "flops_ratio": ratio}).storm_schedule((224, 224))
+    assert again == schedule
+    assert abs(1 - model.count_flops().total / model._flops((224, 224), {}).total - ratio) <= 0.01
+
+
+@pytest.mark.parametrize("size, ratio", [((192, 288), 0.3), ((200, 200), 0.2)])
+def test_solver_handles_odd_and_non_square_inputs(size, ratio):
+    model = TinyHierarchical({"method": "storm_tome", "flops_ratio": ratio})
+    schedule = model.storm_schedule(size)
+    assert abs(_cut(model, size, schedule) - ratio) <= 0.01
+    _check_monotone(model, size, schedule)
+    if size[0] == size[1]:
+        assert all(h == w for h, w in schedule.values())
+
+
+def test_solver_uses_given_positions_and_the_single_stage_default():
+    model = TinyHierarchical({"method": "storm_evit", "flops_ratio": 0.2, "positions": [[0, 1], [2, 0], [2, 4]]})
+    schedule = model.storm_schedule((224, 224))
+    assert set(schedule) <= {(0, 1), (2, 0), (2, 4)} and abs(_cut(model, (224, 224), schedule) - 0.2) <= 0.01
+    plain = TinyPlain({"method": "storm_tome", "flops_ratio": 0.3})
+    schedule = plain.storm_schedule((224, 224))
+    assert set(schedule) <= {(0, b) for b in range(1, 11, 2)}
+    assert abs(_cut(plain, (224, 224), schedule) - 0.3) <= 0.01
+
+
+def test_solver_rejects_unreachable_budgets_and_bad_positions():
+    with pytest.raises(ValueError, match="closest schedule cuts"):
+        TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.6, "positions": [[3, 1]]}).storm_schedule(224)
+    with pytest.raises(ValueError, match="beyond the model's depth"):
+        TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.2, "positions": [[2, 8]]}).storm_schedule(224)
+
+
+def test_zero_ratio_and_method_none_mean_no_schedule():
+    model = TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.0})
+    assert model.storm_schedule(224) == {}
+    model.set_storm(method="none", flops_ratio=None, schedule=[{"stage": 0, "block": 0, "size": [50, 50]}])
+    assert model.storm_schedule(224) == {}
+    assert model.count_flops().total == model._flops((224, 224), {}).total
+    assert model.storm_overhead_flops() == 0
+
+
+def test_explicit_schedule_errors_say_what_to_change():
+    entry = lambda s, b, n: {"stage": s, "block": b, "size": [n, n]}  # noqa: E731
+    model = TinyHierarchical({"method": "storm_tome", "schedule": [entry(0, 1, 50), entry(2, 0, 12)]})
+    assert model.storm_schedule(224) == {(0, 1): (50, 50), (2, 0): (12, 12)}
+    assert model.storm_grids(224)[(1, 0)] == (25, 25) and model.storm_grids(224)[(2, 1)] == (12, 12)
+    with pytest.raises(ValueError, match="larger than the current.*flops_ratio"):
+        model.storm_schedule(160)
+    for bad, message in [([entry(4, 0, 3)], "does not exist"), ([entry(0, 0, 50), entry(0, 0, 49)], "twice"),
+                         ([entry(0, 0, 27)], "at most once per step")]:
+        with pytest.raises(ValueError, match=message):
+            model.set_storm(schedule=bad).storm_schedule(224)
+
+
+def test_count_flops_follows_the_schedule_and_overhead_is_separate():
+    model = TinyHierarchical({"method": "storm_tome", "schedule": [{"stage": 0, "block": 1, "size": [50, 50]}]})
+    base = model._flops((224, 224), {}).total
+    reduced = model.count_flops().total
+    assert reduced == model._flops((224, 224), {(0, 1): (50, 50)}).total < base
+    # storm_tome l1: one C-wide similarity per local pair of each pass
+    assert model.storm_overhead_flops() == (56 * 28 + 50 * 28) * 96
+    assert model.set_storm(method="random").storm_overhead_flops() == 0
+    assert model.set_storm(method="storm_evit").storm_overhead_flops() == 56 * 56 * 96
+
+
+def test_schedule_is_cached_per_config_and_size():
+    model = TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.2})
+    first = model.storm_schedule(224)
+    calls = model.flops_calls
+    assert model.storm_schedule((224, 224)) == first and model.flops_calls == calls
+    assert model.set_storm(flops_ratio=0.3).storm_schedule(224) != first
+
+
+def test_downsampling_rule_must_match_the_backbone():
+    class FloorDownsample(TinyHierarchical):
+        def _natural_grids(self, image_size):
+            h = image_size[0] // 4
+            return {(s, 0): (h >> s, h >> s) for s in range(2)}
+
+    model = FloorDownsample({"method": "storm_tome", "flops_ratio": 0.1})
+    with pytest.raises(NotImplementedError, match="_downsample_grid"):
+        model.storm_schedule(196)  # 49 -> 24 is not a padded stride-2 step
+    model._downsample_grid = lambda grid, stage: (grid[0] // 2, grid[1] // 2)
+    grids = model.storm_grids(196, {(0, 0): (40, 40)})
+    assert grids == {(0, 0): (49, 49), (1, 0): (20, 20)}
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+# STORM's strategies.yml (VMamba): tokens removed after each (stage, block) at 224x224.
+OFFICIAL_STRATEGIES = {
+    "vmamba_tiny_prune_strategy_1": [[111, 109], [53, 0], [0, 25, 0, 23, 0, 21, 0, 0], [0, 0]],
+    "vmamba_tiny_prune_strategy_2": [[220, 212], [51, 49], [0, 23, 0, 21, 0, 0, 0, 0], [0, 0]],
+    "vmamba_tiny_prune_strategy_3": [[432, 400], [92, 84], [0, 19, 0, 17, 0, 0, 0, 0], [0, 0]],
+    "vmamba_tiny_prune_strategy_4": [[636, 564], [84, 76], [0, 0, 0, 17, 0, 0, 0, 0], [0, 0]],
+    "vmamba_tiny_prune_strategy_5": [[832, 704], [0, 0], [0, 19, 0, 17, 0, 0, 0, 0], [0, 0]],
+    "vmamba_tiny_hybrid_1p1": [[0, 220], [0, 53], [0, 25, 0, 23, 0, 21, 0, 19], [0, 0]],
+    "vmamba_tiny_hybrid_2p1": [[0, 432], [0, 100], [0, 23, 0, 21, 0, 19, 0, 17], [0, 0]],
+    "vmamba_tiny_hybrid_3p1": [[0, 636], [0, 141], [0, 21, 0, 19, 0, 17, 0, 15], [0, 0]],
+    "vmamba_tiny_hybrid_4p1": [[0, 832], [0, 176], [0, 19, 0, 17, 0, 15, 0, 13], [0, 0]],
+    "vmamba_tiny_hybrid_5p1": [[0, 1200], [0, 160], [0, 17, 0, 15, 0, 13, 0, 11], [0, 0]],
+    "vmamba_sb_hybrid_1p1": [[0, 220], [0, 53], [0, 0, 0, 25, 0, 0, 0, 23, 0, 0, 0, 21, 0, 0, 19], [0, 0]],
+    "vmamba_sb_hybrid_2p1": [[0, 432], [0, 100], [0, 0, 0, 23, 0, 0, 0, 21, 0, 0, 0, 19, 0, 0, 17], [0, 0]],
+    # the official list has 16 entries for the 15-block stage; the 16th is never read
+    "vmamba_sb_hybrid_3p1": [[0, 636], [0, 141], [0, 0, 0, 21, 0, 0, 0, 19, 0, 0, 0, 17, 0, 0, 0, 15], [0, 0]],
+    "vmamba_sb_hybrid_4p1": [[0, 832], [0, 176], [0, 0, 0, 19, 0, 0, 0, 17, 0, 0, 0, 15, 0, 0, 13], [0, 0]],
+    "vmamba_sb_hybrid_5p1": [[0, 1200], [0, 160], [0, 0, 0, 17, 0, 0, 0, 15, 0, 0, 0, 13, 0, 0, 11], [0, 0]],
+}
+
+
+def test_every_preset_is_a_valid_storm_config():
+    files = sorted(CONFIGS.glob("*.json"))
+    assert len(files) >= len(OFFICIAL_STRATEGIES)
+    for path in files:
+        cfg = StormConfig.from_any(json.loads(path.read_text()))
+        assert cfg.enabled, path.name
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_STRATEGIES))
+def test_vmamba_presets_equal_the_official_token_counts(name):
+    depths = (2, 2, 15, 2) if "_sb_" in name else (2, 2, 8, 2)
+    model = TinyHierarchical(json.loads((CONFIGS / f"{name}.json").read_text()), depths=depths)
+    schedule = model.storm_schedule(224)
+    grids = model.storm_grids(224, schedule)
+    expected = {}
+    for s, removals in enumerate(OFFICIAL_STRATEGIES[name]):
+        for b, n in enumerate(removals[: depths[s]]):
+            if n:
+                area = grids[(s, b)][0] * grids[(s, b)][1] - n
+                assert math.isqrt(area) ** 2 == area
+                expected[(s, b)] = (math.isqrt(area),) * 2
+    assert schedule == expected
