@@ -50,28 +50,36 @@ def time_forward(fn: Callable[[], object], warmup: int, runs: int) -> list[float
     return times
 
 
-class ScanTimer:
-    """Wraps the model's `selective_scan` to add up the wall time spent inside it, per sequence length."""
+class FunctionTimer:
+    """Wraps module-level functions of `modeling_vmamba` to add up the wall time spent inside each.
 
-    def __init__(self) -> None:
-        self.original = modeling_vmamba.selective_scan
-        self.seconds: dict[tuple, float] = defaultdict(float)
-        self.calls: dict[tuple, int] = defaultdict(int)
+    `selective_scan` is keyed by its input shape (batch, channels, L), the others by name.
+    """
 
-    def __enter__(self) -> "ScanTimer":
-        def timed(u, *args, **kwargs):
+    def __init__(self, names: tuple[str, ...] = ("selective_scan", "cross_scan", "cross_merge")) -> None:
+        self.originals = {n: getattr(modeling_vmamba, n) for n in names if hasattr(modeling_vmamba, n)}
+        self.seconds: dict[object, float] = defaultdict(float)
+        self.calls: dict[object, int] = defaultdict(int)
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
             start = time.perf_counter()
-            out = self.original(u, *args, **kwargs)
-            key = tuple(u.shape)
+            out = fn(*args, **kwargs)
+            key = tuple(args[0].shape) if name == "selective_scan" else name
             self.seconds[key] += time.perf_counter() - start
             self.calls[key] += 1
             return out
 
-        modeling_vmamba.selective_scan = timed
+        return timed
+
+    def __enter__(self) -> "FunctionTimer":
+        for name, fn in self.originals.items():
+            setattr(modeling_vmamba, name, self._wrap(name, fn))
         return self
 
     def __exit__(self, *exc) -> None:
-        modeling_vmamba.selective_scan = self.original
+        for name, fn in self.originals.items():
+            setattr(modeling_vmamba, name, fn)
 
 
 def main() -> None:
@@ -117,20 +125,25 @@ def main() -> None:
 
 
 def profile(model: torch.nn.Module, pixels: torch.Tensor, args: argparse.Namespace) -> None:
-    """Share of the scan in the forward, per stage, and the heaviest ATen ops (chunked backend)."""
+    """Share of the scan (per stage) and of the cross-scan/merge copies in the forward, and the heaviest ATen ops."""
     with torch.inference_mode(), scan_backend("chunked"):
         total = statistics.median(time_forward(lambda: model(pixels), 1, args.runs))
-        with ScanTimer() as timer:
+        with FunctionTimer() as timer:
             time_forward(lambda: model(pixels), 0, args.runs)
         with torch.profiler.profile() as prof:
             model(pixels)
-    scan_total = sum(timer.seconds.values()) / args.runs
-    print(f"\nForward {total:.3f} s; inside selective_scan {scan_total:.3f} s ({100 * scan_total / total:.0f} %), "
-          f"outside {total - scan_total:.3f} s.\n")
-    print("| scan input (batch, channels, L) | calls/forward | ms/forward |")
+    runs = args.runs
+    scans = {k: v for k, v in timer.seconds.items() if isinstance(k, tuple)}
+    scan_total = sum(scans.values()) / runs
+    print(f"\nForward {total:.3f} s (chunked); inside selective_scan {scan_total:.3f} s "
+          f"({100 * scan_total / total:.0f} %), outside {total - scan_total:.3f} s.\n")
+    print("| part | calls/forward | ms/forward |")
     print("|---|---|---|")
-    for key in sorted(timer.seconds, key=lambda k: -k[2]):
-        print(f"| {key} | {timer.calls[key] // args.runs} | {1e3 * timer.seconds[key] / args.runs:.1f} |")
+    for key in sorted(scans, key=lambda k: -k[2]):
+        print(f"| selective_scan {key} | {timer.calls[key] // runs} | {1e3 * scans[key] / runs:.1f} |")
+    for key in ("cross_scan", "cross_merge"):
+        if key in timer.seconds:
+            print(f"| {key} | {timer.calls[key] // runs} | {1e3 * timer.seconds[key] / runs:.1f} |")
     print("\nHeaviest ATen ops in one forward (self CPU time):\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 

@@ -355,7 +355,8 @@ def test_ddp_prefix_is_stripped(tiny_sd):
     wrapped = {"module." + k: v for k, v in tiny_sd.items()}
     config = convert_groupmamba.infer_config(wrapped)
     assert config.to_dict() == convert_groupmamba.infer_config(tiny_sd).to_dict()
-    a, b = convert_groupmamba.convert_state_dict(wrapped, config), convert_groupmamba.convert_state_dict(tiny_sd, config)
+    a = convert_groupmamba.convert_state_dict(wrapped, config)
+    b = convert_groupmamba.convert_state_dict(tiny_sd, config)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

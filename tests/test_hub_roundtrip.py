@@ -97,14 +97,14 @@ def test_saved_folder_loads_without_storm_hf(tmp_path, arch):
 def test_storm_passed_through_from_pretrained(tmp_path, arch):
     model = _tiny_model(arch)
     folder = save_model_folder(model, tmp_path / "m")
-    storm = {"method": "storm_tome", "flops_ratio": 0.2}
+    storm = {"method": "storm_tome", "schedule": [{"stage": 0, "block": 0, "size": [6, 6]}]}
     size = TINY_CONFIGS[arch].get("image_size", 32)
     pixel_values = torch.randn(1, 3, size, size)
     model.set_storm(**storm)
     with torch.no_grad():
         expected = model(pixel_values).logits
     got = _run_loader(tmp_path, str(folder), pixel_values, {}, storm=storm)
-    assert got["storm"]["method"] == "storm_tome" and got["storm"]["flops_ratio"] == 0.2
+    assert got["storm"]["method"] == "storm_tome" and got["storm"]["schedule"] == storm["schedule"]
     assert torch.equal(got["logits"], expected)
 
 

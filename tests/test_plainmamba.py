@@ -128,7 +128,9 @@ def test_module_prefix_and_ema_buffers_are_handled():
     config = convert_plainmamba.infer_config(wrapped)
     converted = convert_plainmamba.convert_state_dict(wrapped, config)
     plain = {k: v for k, v in sd.items() if not k.startswith("ema_")}
-    assert all(torch.equal(a, b) for a, b in zip(converted.values(), convert_plainmamba.convert_state_dict(plain, config).values()))
+    reference = convert_plainmamba.convert_state_dict(plain, config)
+    assert converted.keys() == reference.keys()
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
     assert torch.equal(converted["plainmamba.layers.1.mixer.A_log"], sd["backbone.layers.1.mamba.A_log"])
 
 
@@ -265,11 +267,10 @@ def test_save_and_from_pretrained_keep_the_weights(tmp_path, tiny_model):
 
 
 def test_image_processor_follows_the_mmcls_pipeline():
-    from transformers import ConvNextImageProcessor
+    from transformers.models.convnext import ConvNextImageProcessorPil
 
     kwargs = default_image_processor_kwargs(PlainMambaConfig())
-    assert kwargs.pop("image_processor_type") == "ConvNextImageProcessor"
-    processor = ConvNextImageProcessor(**kwargs)
+    processor = ConvNextImageProcessorPil(**kwargs)  # what tools/hub.py saves with every model
     # mmcls: Resize(short side 256, bicubic) -> CenterCrop(224) -> (x - mean) / std on 0..255.
     image = (torch.rand(3, 300, 400) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     out = processor(images=image, return_tensors="pt")["pixel_values"]
@@ -329,9 +330,9 @@ def test_reduction_sits_where_storm_puts_it(tiny_sd, method, window):
     STORM(EViT)'s PlainMamba window is 20 tokens, so the reference pins window=20 explicitly."""
     model = _converted(tiny_sd).double()
     model.set_storm(method=method, schedule=[{"stage": 0, "block": 0, "size": [5, 3]},
-                                             {"stage": 0, "block": 2, "size": [3, 2]}])
+                                             {"stage": 0, "block": 2, "size": [3, 3]}])
     cfg = StormConfig(method=method, window=window)
-    targets = {0: (5, 3), 2: (3, 2)}
+    targets = {0: (5, 3), 2: (3, 3)}
     state = {"sizes": None}
 
     def reduce_fn(layer, x, mixed, hw):
@@ -347,7 +348,7 @@ def test_reduction_sits_where_storm_puts_it(tiny_sd, method, window):
     expected = ref.forward_logits(tiny_sd, x, POS_GRID, reduce_fn=reduce_fn)
     with torch.no_grad():
         logits = model(x).logits
-    assert _rel(logits, expected) <= 1e-9
+    assert _rel(logits, expected) <= 1e-7
 
 
 def test_mtr_receives_the_delta_map(storm_model, monkeypatch):
@@ -378,15 +379,15 @@ def test_schedule_that_does_not_fit_the_input_is_rejected(storm_model):
 
 def test_flops_ratio_is_solved_at_the_default_positions():
     config = PlainMambaConfig(hidden_size=32, num_hidden_layers=24, num_stem_convs=0, stem_channels=4,
-                              layers_with_dwconv=[], d_state=4, num_labels=3, image_size=96)
+                              layers_with_dwconv=[], d_state=4, num_labels=3)
     with torch.device("meta"):
         model = PlainMambaForImageClassification(config)
     assert model._default_storm_positions() == [(0, 4), (0, 10), (0, 16), (0, 22)]
-    base = model.count_flops((96, 96)).total
+    base = model.count_flops((224, 224)).total
     model.set_storm(method="storm_tome", flops_ratio=0.3)
-    schedule = model.storm_schedule((96, 96))
+    schedule = model.storm_schedule((224, 224))
     assert set(schedule) <= {(0, 4), (0, 10), (0, 16), (0, 22)} and schedule
-    assert abs(1 - model.count_flops((96, 96)).total / base - 0.3) <= 0.01
+    assert abs(1 - model.count_flops((224, 224)).total / base - 0.3) <= 0.01
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,3 +464,13 @@ def test_presets_reproduce_official_params_and_flops(name):
     assert math.floor(backbone / 1e5) / 10 == params
     assert round(plainmamba_flops(config, (224, 224), convention="plainmamba").total / 1e9, 1) == gflops
     assert config.num_labels == 1000 and config.position_grid == (14, 14)
+
+
+def test_reduced_flops_reproduce_storm_readme_for_l3():
+    """STORM's README: PlainMamba-L3 14.44 GFLOPs, 9.74 with its `schedual_1` (layers 4/10/16/22 -> 13², 12², 10²,
+    9² tokens). Both are our fvcore count without LayerNorms (STORM's counter skips them)."""
+    config = PlainMambaConfig(**json.loads((REPO / "configs" / "plainmamba" / "plainmamba_l3.json").read_text()))
+    schedule = {(0, 4): (13, 13), (0, 10): (12, 12), (0, 16): (10, 10), (0, 22): (9, 9)}
+    for sched, gflops in ((None, 14.44), (schedule, 9.74)):
+        report = plainmamba_flops(config, (224, 224), sched)
+        assert round((report.total - report.parts["norm"]) / 1e9, 2) == gflops

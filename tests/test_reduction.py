@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from references import reduction_reference as ref
+from tests.references import reduction_reference as ref
 from storm_hf.reduction import (
     StormConfig,
     StormMixin,
@@ -181,8 +181,10 @@ def test_storm_tome_matches_loop_reference(case, similarity, mode, with_sizes):
                                           None if sizes is None else sizes.tolist())
     torch.testing.assert_close(out, _t(e_res))
     torch.testing.assert_close(out_branch, _t(e_br))
-    if with_sizes or mode == "mean":
+    if with_sizes or (mode == "mean" and (out_h, out_w) != (h, w)):
         torch.testing.assert_close(out_sizes, _t(e_sizes))
+    else:  # sizes are only tracked when given or needed for a mean
+        assert out_sizes is None
     if with_sizes and mode == "mean":  # size-weighted mean conserves sum(size * x)
         torch.testing.assert_close((out * out_sizes[..., None]).sum((1, 2)), (x * sizes[..., None]).sum((1, 2)))
 
@@ -203,7 +205,7 @@ def test_storm_evit_matches_loop_reference(case, importance):
 def test_storm_windows_confine_merges():
     """A row whose most similar pairs all sit in the first window still merges in every window."""
     w = 20  # 10 pairs = two windows of 5 pairs, budget 4 -> 2 merges per window
-    row = torch.arange(w, dtype=torch.float64).repeat_interleave(1).view(1, 1, w, 1) * 10.0
+    row = torch.arange(w, dtype=torch.float64).view(1, 1, w, 1) * 10.0
     row[0, 0, 1::2, 0] = row[0, 0, 0::2, 0] + torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 5, 6, 7, 8, 9], dtype=torch.float64)
     _, slots, _ = storm_plan(row, (1, 16), kind="tome", window=5)
     merged_pairs = [t // 2 for t in range(0, w, 2) if slots[0, 0, t] == slots[0, 0, t + 1]]
@@ -264,6 +266,8 @@ def test_dropping_baselines_keep_exact_counts_and_raster_order(case, method):
         assert kept == sorted(kept) and len(set(kept)) == n
         torch.testing.assert_close(out[b].reshape(n, 3), x[b].reshape(-1, 3)[kept], rtol=0, atol=0)
         torch.testing.assert_close(out_branch[b].reshape(n, 3), branch[b].reshape(-1, 3)[kept], rtol=0, atol=0)
+    single, _, _ = reduce_tokens(cfg, x[1:], branch[1:], (out_h, out_w), extras={"delta": delta[1:]})
+    torch.testing.assert_close(single, out[1:], rtol=0, atol=0)
 
 
 @FAST
@@ -273,8 +277,12 @@ def test_merging_baselines_conserve_size_weighted_sums(case, method):
     x, branch = _maps(seed, 2, h, w, 3)
     sizes = torch.randint(1, 5, (2, h, w), generator=torch.Generator().manual_seed(seed)).double()
     cfg = StormConfig(method=method)
-    out, out_branch, out_sizes = reduce_tokens(cfg, x, branch, (out_h, out_w), sizes=sizes,
-                                               extras={"delta": torch.randn(2, h, w)})
+    extras = {"delta": torch.randn(2, h, w, generator=torch.Generator().manual_seed(seed))}
+    out, out_branch, out_sizes = reduce_tokens(cfg, x, branch, (out_h, out_w), sizes=sizes, extras=extras)
+    single, _, single_sizes = reduce_tokens(cfg, x[1:], branch[1:], (out_h, out_w), sizes=sizes[1:],
+                                            extras={"delta": extras["delta"][1:]})
+    torch.testing.assert_close(single, out[1:], rtol=0, atol=0)
+    torch.testing.assert_close(single_sizes, out_sizes[1:], rtol=0, atol=0)
     assert out.shape == (2, out_h, out_w, 3) and out_sizes.shape == (2, out_h, out_w)
     torch.testing.assert_close(out_sizes.sum((1, 2)), sizes.sum((1, 2)))
     for a, b in ((out, x), (out_branch, branch)):
@@ -578,6 +586,24 @@ OFFICIAL_STRATEGIES = {
 }
 
 
+# STORM's scheduals.yml (PlainMamba): token count after layer index, at 224x224 (14x14 patches).
+OFFICIAL_PLAINMAMBA_SCHEDULES = {
+    1: {4: 169, 10: 144, 16: 100, 22: 81},
+    2: {4: 144, 10: 100, 16: 64, 22: 36},
+    3: {4: 100, 10: 64, 16: 36, 22: 16},
+    4: {4: 100, 10: 64, 16: 25, 22: 9},
+    5: {4: 64, 10: 36, 16: 16, 22: 9},
+}
+
+
+@pytest.mark.parametrize("index", sorted(OFFICIAL_PLAINMAMBA_SCHEDULES))
+def test_plainmamba_presets_equal_the_official_token_counts(index):
+    model = TinyPlain(json.loads((CONFIGS / f"plainmamba_schedule_{index}.json").read_text()), depth=24)
+    schedule = model.storm_schedule(224)
+    assert {b: h * w for (_, b), (h, w) in schedule.items()} == OFFICIAL_PLAINMAMBA_SCHEDULES[index]
+    assert all(h == w for h, w in schedule.values())
+
+
 def test_every_preset_is_a_valid_storm_config():
     files = sorted(CONFIGS.glob("*.json"))
     assert len(files) >= len(OFFICIAL_STRATEGIES)
@@ -600,3 +626,77 @@ def test_vmamba_presets_equal_the_official_token_counts(name):
                 assert math.isqrt(area) ** 2 == area
                 expected[(s, b)] = (math.isqrt(area),) * 2
     assert schedule == expected
+
+
+# ------------------------------------------------------------------------------- with a real backbone
+
+ALL_METHODS = ["storm_tome", "storm_evit", "evit", "tome", "random", "top", "mtr"]
+TINY_SCHEDULE = [{"stage": 0, "block": 0, "size": [12, 12]}, {"stage": 1, "block": 0, "size": [5, 5]}]
+
+
+@pytest.fixture(scope="module")
+def vmamba():
+    modeling = pytest.importorskip("storm_hf.modeling_vmamba")
+    from storm_hf.configuration_vmamba import VMambaConfig
+
+    torch.manual_seed(0)
+    config = VMambaConfig(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_labels=4, drop_path_rate=0.0)
+    model = modeling.VMambaForImageClassification(config).eval()
+    # Freshly initialised LayerNorms (weight 1, bias 0) give every token a channel mean of exactly 0, which
+    # would leave `evit`'s signed-mean score to rounding noise; trained norms do not, so randomise them.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.5)
+    return model
+
+
+def _pixels(batch=2, size=64, seed=0):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_vmamba_every_method_reduces_the_grid_and_changes_logits(vmamba, method):
+    pixels = _pixels()
+    with torch.no_grad():
+        plain = vmamba(pixels).logits
+        vmamba.set_storm(method=method, schedule=TINY_SCHEDULE)
+        try:
+            out = vmamba(pixels, output_hidden_states=True)
+            single = vmamba(pixels[1:]).logits
+        finally:
+            vmamba.set_storm(method="none", schedule=None)
+    assert [tuple(h.shape[1:]) for h in out.hidden_states] == [(8, 16, 16), (8, 12, 12), (16, 5, 5), (32, 3, 3), (64, 2, 2)]
+    assert out.logits.shape == plain.shape and torch.isfinite(out.logits).all()
+    assert not torch.allclose(out.logits, plain, atol=1e-4)
+    torch.testing.assert_close(single, out.logits[1:], rtol=1e-4, atol=1e-5)  # no cross-sample leakage
+
+
+def test_vmamba_count_flops_follows_the_schedule(vmamba):
+    from storm_hf.modeling_vmamba import vmamba_flops
+
+    base = vmamba.count_flops(64).total
+    assert base == vmamba_flops(vmamba.config, (64, 64), {}).total
+    vmamba.set_storm(method="storm_tome", schedule=TINY_SCHEDULE)
+    try:
+        reduced = vmamba.count_flops(64).total
+        expected = vmamba_flops(vmamba.config, (64, 64), {(0, 0): (12, 12), (1, 0): (5, 5)}).total
+        overhead = vmamba.storm_overhead_flops(64)
+    finally:
+        vmamba.set_storm(method="none", schedule=None)
+    assert reduced == expected < base
+    assert overhead == (16 * 8 + 12 * 8) * 8 + (6 * 3 + 5 * 3) * 16  # one 1-channel-wide L1 per local pair
+
+
+def test_vmamba_flops_ratio_is_solved_from_its_own_counter(vmamba):
+    vmamba.set_storm(method="storm_evit", flops_ratio=0.25, positions=[[0, 0], [1, 0], [2, 0], [2, 1]])
+    try:
+        schedule = vmamba.storm_schedule(224)
+        cut = 1 - vmamba.count_flops(224).total / vmamba._flops((224, 224), {}).total
+        with torch.no_grad():
+            logits = vmamba(_pixels(1, 96)).logits  # solved again for a 96x96 input
+    finally:
+        vmamba.set_storm(method="none", flops_ratio=None, positions=None)
+    assert abs(cut - 0.25) <= 0.01 and schedule and all(h == w for h, w in schedule.values())
+    assert torch.isfinite(logits).all()

@@ -334,3 +334,18 @@ def test_context_manager_beats_env_and_restores(spies, monkeypatch):
     with scan_backend("reference"):
         assert resolve_backend(None, torch.device("cpu")) == "reference"
     assert resolve_backend(None, torch.device("cpu")) == "chunked"
+
+
+def test_non_contiguous_inputs():
+    """Transposed / sliced views (as backbones produce them) give the same result as contiguous copies."""
+    inputs = make_inputs(2, 4, 15, 3, 2, seed=13)
+    strided = {}
+    for key, value in inputs.items():
+        if value.dim() >= 2:  # same values, transposed memory
+            strided[key] = value.transpose(-1, -2).contiguous().transpose(-1, -2)
+        else:  # every other element of a longer vector
+            strided[key] = torch.stack([value, torch.full_like(value, float("nan"))], -1)[..., 0]
+        assert not strided[key].is_contiguous()
+    expected = scan_loop(**inputs)
+    assert_matches(selective_scan_reference(**strided), expected)
+    assert_matches(selective_scan_chunked(**strided, chunk_size=4), expected)

@@ -16,7 +16,7 @@ from torch import nn
 
 import storm_hf.modeling_vim as modeling_vim
 from storm_hf.configuration_vim import VimConfig
-from storm_hf.modeling_vim import VimForImageClassification, VimModel, vim_flops
+from storm_hf.modeling_vim import VimForImageClassification, vim_flops
 from storm_hf.tools.convert_vim import VimConversionError, convert_state_dict, infer_config, looks_like
 from tests.references.vim_reference import random_official_state_dict, vim_reference
 
@@ -312,27 +312,29 @@ def test_reduction_plumbing_matches_reference(monkeypatch):
         assert _rel(model(pixel_values).logits, ref["logits"]) <= 1e-4
 
 
-def test_mtr_gets_delta_of_both_directions(monkeypatch):
+@pytest.mark.parametrize("method,extra,signal", [("mtr", "delta", "delta"), ("top", "branch", "scan_backward")])
+def test_methods_get_their_planning_signal(method, extra, signal, monkeypatch):
+    """MTR plans from Δ of both directions; ToP from the backward direction's SSM output (in image order)."""
     size, patch, stride = CASES["odd"]
     rows, cols = _grid(size, patch, stride)
     sd = _official(size, patch, stride)
     model = _converted(sd, size, stride)
-    model.set_storm(method="mtr", schedule=[{"stage": 0, "block": 1, "size": [3, 4]}])
+    model.set_storm(method=method, schedule=[{"stage": 0, "block": 1, "size": [3, 4]}])
     seen = {}
     original = modeling_vim.reduce_tokens
 
     def spy(cfg, residual, branch, out_hw, **kwargs):
-        seen["delta"] = kwargs["extras"]["delta"]
+        seen[extra] = kwargs["extras"][extra]
         return original(cfg, residual, branch, out_hw, **kwargs)
 
     monkeypatch.setattr(modeling_vim, "reduce_tokens", spy)
     pixel_values = torch.randn(1, 3, *size)
     with torch.no_grad():
         model(pixel_values)
-    delta = vim_reference(sd, pixel_values, patch_size=patch, stride=stride)["delta"][1]
+    full = vim_reference(sd, pixel_values, patch_size=patch, stride=stride)["signals"][1][signal]
     mid = rows * cols // 2
-    expected = torch.cat([delta[:, :mid], delta[:, mid + 1:]], dim=1).reshape(1, rows, cols)
-    assert _rel(seen["delta"], expected) <= 1e-4
+    expected = torch.cat([full[:, :mid], full[:, mid + 1:]], dim=1).reshape(1, rows, cols, *full.shape[2:])
+    assert _rel(seen[extra], expected) <= 1e-4
 
 
 def test_flops_ratio_solves_at_default_positions():

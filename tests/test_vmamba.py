@@ -189,6 +189,14 @@ def test_mtr_receives_the_delta_map(tiny_model, monkeypatch):
     assert (seen["delta"] > 0).all()
 
 
+def test_gradients_reach_every_parameter():
+    config = VMambaConfig(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1], num_labels=4, drop_path_rate=0.0)
+    model = VMambaForImageClassification(config).train()
+    model(_image(2, 3, 64, 64), labels=torch.tensor([0, 3])).loss.backward()  # every stage has L >= 2
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead
+
+
 def test_natural_grids_follow_ceil_halving():
     config = VMambaConfig(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1])
     assert natural_grids(config, (33, 47)) == {(0, 0): (9, 12), (1, 0): (5, 6), (2, 0): (3, 3), (2, 1): (3, 3),

@@ -14,6 +14,9 @@ class VMambaConfig(PreTrainedConfig):
 
     Args:
         num_channels: input image channels.
+        patch_size: total stride of the two-conv stem. 4 (every released model): both 3x3 convs have stride 2.
+            2: the first conv has stride 1, for small inputs (a 16x16 first grid at 32x32, e.g. CIFAR); no
+            official checkpoint uses it, and the weights have the same shapes either way.
         embed_dim: stage-0 width; stage i gets `embed_dim * 2**i` unless `dims` is given.
         dims: per-stage widths C_i (wins over `embed_dim`).
         depths: VSS blocks per stage.
@@ -33,6 +36,7 @@ class VMambaConfig(PreTrainedConfig):
     model_type = "storm_vmamba"
 
     num_channels: int = 3
+    patch_size: int = 4
     embed_dim: int = 96
     dims: Any = None
     depths: Any = (2, 2, 8, 2)
@@ -49,6 +53,7 @@ class VMambaConfig(PreTrainedConfig):
     storm: Any = None
 
     def __post_init__(self, **kwargs):
+        self.patch_size = int(self.patch_size)
         self.depths = [int(d) for d in self.depths]
         if self.dims is None:
             self.dims = [int(self.embed_dim) * 2**i for i in range(len(self.depths))]
@@ -70,6 +75,11 @@ class VMambaConfig(PreTrainedConfig):
 
     def _check(self) -> None:
         dims, depths = self.dims, self.depths
+        if self.patch_size not in (2, 4):
+            raise ValueError(
+                f"patch_size must be 4 (the official stem: two stride-2 convs) or 2 (first conv stride 1, for small "
+                f"images such as CIFAR's 32x32), got {self.patch_size}."
+            )
         if not depths or len(dims) != len(depths):
             raise ValueError(f"dims {dims} and depths {depths} must be non-empty lists of the same length.")
         if min(depths) < 1 or min(dims) < 2:
@@ -99,6 +109,11 @@ class VMambaConfig(PreTrainedConfig):
     def d_inner(self, stage: int) -> int:
         """SS2D inner width D of a stage."""
         return int(self.ssm_ratio * self.dims[stage])
+
+    @property
+    def stem_strides(self) -> tuple[int, int]:
+        """Strides of the stem's two 3x3 convs."""
+        return (2, 2) if self.patch_size == 4 else (1, 2)
 
     def stage_dt_rank(self, stage: int) -> int:
         """Rank R of a stage's Δ projection: ceil(C / 16) from the block width when "auto"."""

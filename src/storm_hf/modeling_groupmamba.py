@@ -176,7 +176,7 @@ class GroupMambaDirectionalSS2D(nn.Module):
         out = self.out_proj(self.out_norm(y) * F.silu(z))
         step = None
         if return_delta:
-            step = F.softplus(delta.float() + self.dt_bias.float()).mean(dim=1, keepdim=True)  # (B, 1, L)
+            step = F.softplus(delta.float() + self.dt_bias.float()[:, None]).mean(dim=1, keepdim=True)  # (B, 1, L)
             step = merge_sequence(step, self.direction, height, width)[:, 0]
         return out, step
 
@@ -493,11 +493,15 @@ class GroupMambaPreTrainedModel(StormMixin, PreTrainedModel):
             init.ones_(module.skip_scale)
         if isinstance(module, GroupMambaDirectionalSS2D):
             d_inner, n_state = module.A_log.shape
-            a = torch.arange(1, n_state + 1, dtype=torch.float32).expand(d_inner, n_state)
+            device = module.A_log.device
+            a = torch.arange(1, n_state + 1, dtype=torch.float32, device=device).expand(d_inner, n_state)
             init.copy_(module.A_log, torch.log(a))
             init.ones_(module.D)
             init.uniform_(module.dt_proj.weight, -module.rank**-0.5, module.rank**-0.5)
-            dt = torch.exp(torch.rand(d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+            dt_min, dt_max = 1e-3, 1e-1
+            dt = torch.exp(
+                torch.rand(d_inner, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            ).clamp(min=1e-4)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     # ---- StormMixin hooks ------------------------------------------------------------------------

@@ -382,10 +382,9 @@ def plainmamba_flops(
 def default_image_processor_kwargs(config: PlainMambaConfig) -> dict[str, Any]:
     """PlainMamba's mmcls eval pipeline: resize the short side to 256 (PIL bicubic), center-crop 224, RGB,
     normalise with mean (123.675, 116.28, 103.53) / std (58.395, 57.12, 57.375) on the 0-255 scale — i.e.
-    ImageNet mean/std after rescaling by 1/255, and crop_pct = 224/256 for ConvNextImageProcessor."""
+    ImageNet mean/std after rescaling by 1/255, and crop_pct = 224/256: kwargs for ConvNextImageProcessor(Pil)."""
     size = int(config.image_size[0])
     return {
-        "image_processor_type": "ConvNextImageProcessor",
         "size": {"shortest_edge": size},
         "crop_pct": 224 / 256,
         "resample": 3,  # PIL bicubic
@@ -475,8 +474,9 @@ class PlainMambaModel(PlainMambaPreTrainedModel):
     def __init__(self, config: PlainMambaConfig):
         super().__init__(config)
         self.embeddings = PlainMambaEmbeddings(config)
-        rates = [config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)]
-        self.layers = nn.ModuleList(PlainMambaLayer(config, i, rates[i]) for i in range(config.num_hidden_layers))
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # np.linspace(0, rate, depth)
+        self.layers = nn.ModuleList(PlainMambaLayer(config, i, rates[i]) for i in range(depth))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.final_layer_norm_eps)
         self._path_cache: dict[tuple[int, int, str], tuple[torch.Tensor, ...]] = {}
         self.post_init()

@@ -139,6 +139,13 @@ class VimScanDirection(nn.Module):
         return y, mean_delta
 
 
+# What a reducing layer can ask its mixer for, besides the output (see VimMixer.forward), and which method
+# plans from which: MTR from Δ; ToP ("top") from the backward direction's SSM output, as ToP-ViM does on Vim
+# (its code forgets to flip that output back to image order; here it is flipped back, as the paper describes).
+SIGNALS = ("delta", "scan_backward")
+METHOD_SIGNALS = {"mtr": "delta", "top": "scan_backward"}
+
+
 class VimMixer(nn.Module):
     """Bidirectional Mamba ("bimamba v2"): shared in/out projections, one `VimScanDirection` per direction."""
 
@@ -152,18 +159,27 @@ class VimMixer(nn.Module):
         self.out_proj = nn.Linear(inner, config.hidden_size, bias=False)
 
     def forward(
-        self, hidden: torch.Tensor, return_delta: bool = False
+        self, hidden: torch.Tensor, signal: Optional[str] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """hidden (B, L, C) -> (B, L, C); on request also Δ (B, L): mean over channels, summed over directions."""
+        """hidden (B, L, C) -> (B, L, C), plus on request a per-token signal for a reduction method, in sequence
+        order: `"delta"` (B, L), softplus(Δ) averaged over channels and summed over both directions (MTR's
+        score); `"scan_backward"` (B, L, E), the backward direction's gated scan output flipped back (ToP-ViM's
+        score input on Vim)."""
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2E, L)
         x, z = xz.chunk(2, dim=1)
-        y_f, delta_f = self.scan_forward(x, z, return_delta)
-        y_b, delta_b = self.scan_backward(x.flip(-1), z.flip(-1), return_delta)
+        y_f, delta_f = self.scan_forward(x, z, signal == "delta")
+        y_b, delta_b = self.scan_backward(x.flip(-1), z.flip(-1), signal == "delta")
         y = (y_f + y_b.flip(-1)).transpose(1, 2)
         if self.divide_output:
             y = y / 2
-        delta = delta_f + delta_b.flip(-1) if return_delta else None
-        return self.out_proj(y), delta
+        extra = None
+        if signal == "delta":
+            extra = delta_f + delta_b.flip(-1)
+        elif signal == "scan_backward":
+            extra = y_b.flip(-1).transpose(1, 2)
+        elif signal is not None:
+            raise ValueError(f"Unknown mixer signal {signal!r}; choose one of {SIGNALS}.")
+        return self.out_proj(y), extra
 
 
 class VimLayer(nn.Module):
@@ -176,14 +192,14 @@ class VimLayer(nn.Module):
         self.drop_path = VimDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
     def forward(
-        self, hidden: torch.Tensor, residual: Optional[torch.Tensor], return_delta: bool = False
+        self, hidden: torch.Tensor, residual: Optional[torch.Tensor], signal: Optional[str] = None
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         if residual is None:
             residual = hidden.float()
         else:
             residual = residual + self.drop_path(hidden).float()
-        hidden, delta = self.mixer(self.norm(residual), return_delta)
-        return hidden, residual, delta
+        hidden, extra = self.mixer(self.norm(residual), signal)
+        return hidden, residual, extra
 
 
 class VimEmbeddings(nn.Module):
@@ -191,7 +207,6 @@ class VimEmbeddings(nn.Module):
 
     def __init__(self, config: VimConfig) -> None:
         super().__init__()
-        self.config = config
         self.projection = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.stride
         )
@@ -468,9 +483,10 @@ class VimModel(VimPreTrainedModel):
         residual, sizes = None, None
         for index, layer in enumerate(self.layers):
             target = schedule.get((0, index))
-            hidden, residual, delta = layer(hidden, residual, return_delta=target is not None and storm.method == "mtr")
+            signal = METHOD_SIGNALS.get(storm.method) if target is not None else None
+            hidden, residual, extra = layer(hidden, residual, signal)
             if target is not None:
-                hidden, residual, sizes = self._reduce(storm, hidden, residual, grid, target, sizes, delta)
+                hidden, residual, sizes = self._reduce(storm, hidden, residual, grid, target, sizes, extra)
                 grid = target
             if output_hidden_states:
                 all_hidden += (patch_map(residual + hidden.float(), grid),)
@@ -492,17 +508,17 @@ class VimModel(VimPreTrainedModel):
         grid: Grid,
         target: Grid,
         sizes: Optional[torch.Tensor],
-        delta: Optional[torch.Tensor],
+        signal: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Reduce the patch tokens of residual (plan source) and branch with one plan; the class token is kept
-        and re-inserted at the middle of the shorter sequence."""
+        and re-inserted at the middle of the shorter sequence. `signal` is the mixer's METHOD_SIGNALS output."""
         cls_r, grid_r = split_cls(residual, grid)
         cls_h, grid_h = split_cls(hidden, grid)
         extras: dict[str, torch.Tensor] = {}
         if storm.method == "mtr":
-            extras["delta"] = split_cls(delta.unsqueeze(-1), grid)[1].squeeze(-1)
+            extras["delta"] = split_cls(signal.unsqueeze(-1), grid)[1].squeeze(-1)
         elif storm.method == "top":
-            extras["branch"] = grid_h
+            extras["branch"] = split_cls(signal, grid)[1]
         grid_r, grid_h, sizes = reduce_tokens(
             storm, grid_r, grid_h, target, sizes=sizes, extras=extras or None, window_defaults=STORM_WINDOW_DEFAULTS
         )

@@ -44,8 +44,8 @@ from .reduction import StormConfig, StormMixin, reduce_tokens
 from .selective_scan import selective_scan
 
 NUM_DIRECTIONS = 4
-# The v2 stem is two 3x3 stride-2 convolutions: one token per 4x4 pixels. Narrower images would give a
-# token grid made of padding only, so they are rejected.
+# The v2 stem is two 3x3 convolutions of total stride `patch_size` (4 officially: one token per 4x4 pixels).
+# Images narrower than one patch would give a token grid made of padding only, so they are rejected.
 MIN_IMAGE_SIDE = 4
 
 Grid = tuple[int, int]
@@ -94,18 +94,20 @@ class VMambaPatchEmbeddings(nn.Sequential):
     """Stem "v2": conv3x3/s2 -> LN -> GELU -> conv3x3/s2 -> LN; (B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C).
 
     Slots 0..7 mirror the official channels-last Sequential, so keys are `patch_embed.{0,2,5,7}.*`.
+    With `config.patch_size=2` (not an official model) the first conv has stride 1: ceil(H/2) x ceil(W/2).
     """
 
     def __init__(self, config: VMambaConfig) -> None:
         width = config.dims[0]
         eps = config.layer_norm_eps
+        first_stride, second_stride = config.stem_strides
         super().__init__(
-            nn.Conv2d(config.num_channels, width // 2, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(config.num_channels, width // 2, kernel_size=3, stride=first_stride, padding=1),
             VMambaPermute(0, 2, 3, 1),
             nn.LayerNorm(width // 2, eps=eps),
             VMambaPermute(0, 3, 1, 2),
             nn.GELU(),
-            nn.Conv2d(width // 2, width, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(width // 2, width, kernel_size=3, stride=second_stride, padding=1),
             VMambaPermute(0, 2, 3, 1),
             nn.LayerNorm(width, eps=eps),
         )
@@ -298,18 +300,20 @@ def _pair(image_size: Union[int, tuple[int, int], list[int]]) -> Grid:
     return int(height), int(width)
 
 
-def _check_image_size(height: int, width: int) -> None:
-    if height < MIN_IMAGE_SIDE or width < MIN_IMAGE_SIDE:
+def _check_image_size(height: int, width: int, patch_size: int = MIN_IMAGE_SIDE) -> None:
+    if height < patch_size or width < patch_size:
         raise ValueError(
-            f"Input image {height}x{width} is too small: VMamba's stem makes one token per 4x4 pixels, so both "
-            f"sides must be at least {MIN_IMAGE_SIDE} pixels. Resize the image (the released models expect 224x224)."
+            f"Input image {height}x{width} is too small: VMamba's stem makes one token per {patch_size}x{patch_size} "
+            f"pixels, so both sides must be at least {patch_size} pixels. Resize the image (the released models "
+            "expect 224x224)."
         )
 
 
-def _stem_grid(height: int, width: int) -> Grid:
-    for _ in range(2):
-        height, width = conv_out_size(height, 3, 2, 1), conv_out_size(width, 3, 2, 1)
-    return height, width
+def _stem_grids(config: VMambaConfig, height: int, width: int) -> tuple[Grid, Grid]:
+    """Grids after the stem's first conv and after the whole stem."""
+    first, second = config.stem_strides
+    mid = conv_out_size(height, 3, first, 1), conv_out_size(width, 3, first, 1)
+    return mid, (conv_out_size(mid[0], 3, second, 1), conv_out_size(mid[1], 3, second, 1))
 
 
 def _check_target(position: tuple[int, int], target: Grid, grid: Grid) -> None:
@@ -325,7 +329,7 @@ def _check_target(position: tuple[int, int], target: Grid, grid: Grid) -> None:
 def walk_grids(config: VMambaConfig, image_size: Union[int, Grid], schedule: Optional[Schedule] = None):
     """Yield (stage, block, input grid, output grid) for every block, following reductions and downsampling."""
     height, width = _pair(image_size)
-    _check_image_size(height, width)
+    _check_image_size(height, width, config.patch_size)
     schedule = {tuple(pos): tuple(hw) for pos, hw in (schedule or {}).items()}
     positions = {(s, b) for s, depth in enumerate(config.depths) for b in range(depth)}
     unknown = sorted(set(schedule) - positions)
@@ -334,7 +338,7 @@ def walk_grids(config: VMambaConfig, image_size: Union[int, Grid], schedule: Opt
             f"The reduction schedule names block(s) {unknown} that this VMamba does not have; "
             f"valid (stage, block) positions have stage < {config.num_stages} and block < depths {config.depths}."
         )
-    grid = _stem_grid(height, width)
+    _, grid = _stem_grids(config, height, width)
     for stage, depth in enumerate(config.depths):
         for block in range(depth):
             target = schedule.get((stage, block))
@@ -372,8 +376,7 @@ def vmamba_flops(
         ["stem", "norm", "in_proj", "dwconv", "x_proj", "dt_proj", "scan", "out_norm", "out_proj", "mlp",
          "downsample", "classifier_norm", "pool", "head"], 0)
 
-    grid = _stem_grid(height, width)
-    mid = conv_out_size(height, 3, 2, 1), conv_out_size(width, 3, 2, 1)
+    mid, grid = _stem_grids(config, height, width)
     half = dims[0] // 2
     parts["stem"] = batch * (
         conv2d_flops(config.num_channels, half, 3, mid) + layer_norm_flops(half * mid[0] * mid[1])
@@ -507,7 +510,7 @@ class VMambaModel(VMambaPreTrainedModel):
                 f"pixel_values has {pixel_values.shape[1]} channels but the model expects "
                 f"{self.config.num_channels} (config.num_channels); pass channels-first images (B, C, H, W)."
             )
-        _check_image_size(pixel_values.shape[2], pixel_values.shape[3])
+        _check_image_size(pixel_values.shape[2], pixel_values.shape[3], self.config.patch_size)
 
     def forward(
         self,

@@ -115,12 +115,14 @@ def _discretised_delta(delta, delta_bias, delta_softplus, dtype) -> torch.Tensor
     return delta
 
 
-def _finish(y, u, D, z, out_dtype) -> torch.Tensor:
-    """Add the D skip, apply the silu(z) gate, cast to the output dtype."""
+def _finish(y, u, D, z, out_dtype, inplace: bool = False) -> torch.Tensor:
+    """Add the D skip, apply the silu(z) gate, cast to the output dtype (in place on ``y`` if allowed)."""
     if D is not None:
-        y = y + D.to(y.dtype)[:, None] * u.to(y.dtype)
+        skip = D.to(y.dtype)[:, None]
+        y = y.addcmul_(skip, u) if inplace else y + skip * u.to(y.dtype)
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        gate = F.silu(z.to(y.dtype))
+        y = y.mul_(gate) if inplace else y * gate
     return y.to(out_dtype or u.dtype)
 
 
@@ -151,11 +153,11 @@ def selective_scan_reference(
     dtype = _compute_dtype(u)
     per_group = channels // groups
     dt = _discretised_delta(delta, delta_bias, delta_softplus, dtype)
-    dt5 = dt.view(batch, groups, per_group, 1, length)
-    decay = torch.exp(dt5 * A.to(dtype).view(groups, per_group, n_state, 1))  # (b, G, Cg, N, L)
+    dt5 = dt.reshape(batch, groups, per_group, 1, length)
+    decay = torch.exp(dt5 * A.to(dtype).reshape(groups, per_group, n_state, 1))  # (b, G, Cg, N, L)
     B5 = _groups_view(B, groups).to(dtype).unsqueeze(2)  # (b, G, 1, N, L)
     C5 = _groups_view(C, groups).to(dtype).unsqueeze(2)
-    drive = (dt * u.to(dtype)).view(batch, groups, per_group, 1, length) * B5  # (b, G, Cg, N, L)
+    drive = (dt * u.to(dtype)).reshape(batch, groups, per_group, 1, length) * B5  # (b, G, Cg, N, L)
     h = torch.zeros(batch, groups, per_group, n_state, dtype=dtype, device=u.device)
     ys = []
     for t in range(length):
@@ -229,10 +231,37 @@ def _linear_scan(decay: torch.Tensor, drive: torch.Tensor, chunk: int, inplace: 
     def to_chunks(x: torch.Tensor, fill: float) -> torch.Tensor:
         if pad:
             x = torch.cat([x, x.new_full((pad, *rest), fill)])
-        return x.view(n_chunks, chunk, *rest).transpose(0, 1).contiguous()
+        return x.reshape(n_chunks, chunk, *rest).transpose(0, 1).contiguous()
 
     h = _blocked_scan(to_chunks(decay, 1.0), to_chunks(drive, 0.0), chunk, inplace)
     return h.transpose(0, 1).reshape(n_chunks * chunk, *rest)[:length]
+
+
+def _to_time_major(x: torch.Tensor, chunk: int, n_chunks: int, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, X, Y, L) → a new contiguous (T, n_chunks, batch, X, Y) tensor; steps past L are zeros."""
+    length = x.shape[-1]
+    out = x.new_empty(chunk, n_chunks, *x.shape[:-1], dtype=dtype)
+    full = length // chunk
+    if full:
+        out[:, :full].copy_(x[..., : full * chunk].unflatten(-1, (full, chunk)).permute(4, 3, 0, 1, 2))
+    tail = length - full * chunk
+    if tail:
+        out[:tail, full].copy_(x[..., full * chunk :].permute(3, 0, 1, 2))
+        out[tail:, full].zero_()
+    return out
+
+
+def _from_time_major(y: torch.Tensor, length: int) -> torch.Tensor:
+    """(T, n_chunks, batch, X, Y) → a new contiguous (batch, X, Y, L), dropping the padded steps."""
+    chunk = y.shape[0]
+    out = y.new_empty(*y.shape[2:], length)
+    full = length // chunk
+    if full:
+        out[..., : full * chunk].unflatten(-1, (full, chunk)).permute(4, 3, 0, 1, 2).copy_(y[:, :full])
+    tail = length - full * chunk
+    if tail:
+        out[..., full * chunk :].permute(3, 0, 1, 2).copy_(y[:tail, full])
+    return out
 
 
 def selective_scan_chunked(
@@ -250,42 +279,52 @@ def selective_scan_chunked(
 ) -> torch.Tensor:
     """Fast exact CPU scan (any device works): chunks advanced in lock-step, state carried between them.
 
-    Differentiable by autograd; without autograd it works in place on its own buffers.
-    ``chunk_size`` overrides :func:`default_chunk_size` (for tuning).
+    Differentiable by autograd. Without autograd every step after the layout change runs in place on
+    the function's own buffers: on CPU, fresh multi-megabyte allocations (page faults) cost as much as
+    the arithmetic. ``chunk_size`` overrides :func:`default_chunk_size` (for tuning).
     """
     batch, channels, length, n_state, groups = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"selective_scan_chunked: chunk_size must be a positive integer, got {chunk_size}.")
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(length, n_state)
-    chunk = min(chunk, length)
+    chunk = min(int(chunk_size) if chunk_size is not None else default_chunk_size(length, n_state), length)
+    n_chunks = -(-length // chunk)
     dtype = _compute_dtype(u)
     per_group = channels // groups
-    n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    inplace = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
     def time_major(x: torch.Tensor) -> torch.Tensor:
-        """(batch, X, Y, L) → (T, n_chunks, batch, X, Y), contiguous; padded steps are zeros."""
-        if pad:
-            x = F.pad(x, (0, pad))
-        x = x.unflatten(-1, (n_chunks, chunk))
-        return x.permute(4, 3, 0, 1, 2).contiguous()
+        return _to_time_major(x, chunk, n_chunks, dtype)
 
-    dt = _discretised_delta(delta, delta_bias, delta_softplus, dtype)
-    dt_tm = time_major(dt.view(batch, groups, per_group, length)).unsqueeze(-1)  # (T, K, b, G, Cg, 1)
-    du_tm = time_major((dt * u.to(dtype)).view(batch, groups, per_group, length)).unsqueeze(-1)
-    B_tm = time_major(_groups_view(B, groups).to(dtype)).unsqueeze(-2)  # (T, K, b, G, 1, N)
-    C_tm = time_major(_groups_view(C, groups).to(dtype)).unsqueeze(-2)
-    decay = torch.exp(dt_tm * A.to(dtype).view(groups, per_group, n_state))  # (T, K, b, G, Cg, N)
-    drive = du_tm * B_tm  # padded steps: decay 1, drive 0 — they only follow the real ones
+    def mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a.mul_(b) if inplace else a * b
 
-    inplace = not (torch.is_grad_enabled() and (decay.requires_grad or drive.requires_grad))
+    # Δ and Δ·u, time-major: (T, K, b, G, Cg). Padded steps (u = B = 0, so drive 0) come after every
+    # real step of their chunk and the last chunk's end state is never carried, so they change nothing.
+    dt = time_major(delta.reshape(batch, groups, per_group, length))
+    if delta_bias is not None:
+        bias = delta_bias.to(dtype).reshape(groups, per_group)
+        dt = dt.add_(bias) if inplace else dt + bias
+    if delta_softplus:
+        dt = F.softplus(dt)  # beta 1, threshold 20: identical to the official kernels
+    du = mul(time_major(u.reshape(batch, groups, per_group, length)), dt)
+
+    B_tm = time_major(_groups_view(B, groups)).unsqueeze(-2)  # (T, K, b, G, 1, N)
+    C_tm = time_major(_groups_view(C, groups)).unsqueeze(-2)
+    decay = dt.unsqueeze(-1) * A.to(dtype).reshape(groups, per_group, n_state)  # (T, K, b, G, Cg, N)
+    decay = decay.exp_() if inplace else decay.exp()
+    if n_state == 1 and inplace:
+        drive = du.unsqueeze(-1).mul_(B_tm)
+    else:
+        drive = du.unsqueeze(-1) * B_tm
+
     h = _blocked_scan(decay, drive, chunk, inplace)
     if n_state == 1:
-        y = (h * C_tm).squeeze(-1)
+        y = mul(h, C_tm).squeeze(-1)
     else:
         y = torch.matmul(h, C_tm.transpose(-1, -2)).squeeze(-1)  # Σ_n h·C per channel
-    y = y.permute(2, 3, 4, 1, 0).reshape(batch, channels, n_chunks * chunk)[..., :length]
-    return _finish(y, u, D, z, out_dtype)
+    y = _from_time_major(y, length).view(batch, channels, length)
+    return _finish(y, u, D, z, out_dtype, inplace)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,9 +63,10 @@ def _inner_no_out_proj(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_proj_b, A_log
     return y, mean_delta
 
 
-def bimamba_v2(sd: dict, prefix: str, h: torch.Tensor, divide_out: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba(bimamba_type='v2') fast path on h (B, L, C) -> (B, L, C), and softplus(Δ) averaged over channels
-    and summed over the two directions, per token in sequence order (B, L)."""
+def bimamba_v2(sd: dict, prefix: str, h: torch.Tensor, divide_out: bool = True) -> tuple[torch.Tensor, dict]:
+    """Mamba(bimamba_type='v2') fast path on h (B, L, C) -> (B, L, C), and per-token signals in sequence order:
+    `delta` (B, L) softplus(Δ) averaged over channels and summed over the two directions (MTR's score);
+    `scan_backward` (B, L, E) the backward direction's gated scan output, flipped back (ToP's score input)."""
     p = lambda name: _d(sd[prefix + name])  # noqa: E731
     length = h.shape[1]
     xz = torch.einsum("blc,fc->bfl", h, p("in_proj.weight"))  # (B, 2E, L)
@@ -77,7 +78,8 @@ def bimamba_v2(sd: dict, prefix: str, h: torch.Tensor, divide_out: bool = True) 
     y = (y_f + y_b[:, :, flip]).transpose(1, 2)
     if divide_out:
         y = y / 2
-    return y @ p("out_proj.weight").t(), delta_f + delta_b[:, flip]
+    signals = {"delta": delta_f + delta_b[:, flip], "scan_backward": y_b[:, :, flip].transpose(1, 2)}
+    return y @ p("out_proj.weight").t(), signals
 
 
 def keep_tokens(sequence: torch.Tensor, kept: list[int]) -> torch.Tensor:
@@ -94,7 +96,7 @@ def keep_tokens(sequence: torch.Tensor, kept: list[int]) -> torch.Tensor:
 def vim_reference(sd: dict, pixel_values: torch.Tensor, *, patch_size: int, stride: int, eps: float = 1e-5,
                   divide_out: bool = True, keep: dict[int, list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Official VisionMamba forward (eval). Returns float64 `logits`, `cls` feature, final `tokens` (B, M+1, C)
-    and `delta` {layer: (B, L) Δ score of `bimamba_v2`}.
+    and `signals` {layer: the signals of `bimamba_v2`}.
 
     `keep` ({layer: kept raster patch indices}) prunes both the mixer output and the residual after that
     layer's mixer with `keep_tokens` (the placement every Vim reduction method uses)."""
@@ -110,17 +112,17 @@ def vim_reference(sd: dict, pixel_values: torch.Tensor, *, patch_size: int, stri
 
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
     residual, hidden = None, seq
-    deltas = {}
+    signals = {}
     for i in range(depth):
         residual = hidden if residual is None else residual + hidden
         normed = rms_norm(residual, _d(sd[f"layers.{i}.norm.weight"]), eps)
-        hidden, deltas[i] = bimamba_v2(sd, f"layers.{i}.mixer.", normed, divide_out)
+        hidden, signals[i] = bimamba_v2(sd, f"layers.{i}.mixer.", normed, divide_out)
         if keep and i in keep:
             residual, hidden = keep_tokens(residual, keep[i]), keep_tokens(hidden, keep[i])
     tokens = rms_norm(residual + hidden, _d(sd["norm_f.weight"]), eps)
     feature = tokens[:, (tokens.shape[1] - 1) // 2]
     logits = feature @ _d(sd["head.weight"]).t() + _d(sd["head.bias"])
-    return {"logits": logits, "cls": feature, "tokens": tokens, "delta": deltas}
+    return {"logits": logits, "cls": feature, "tokens": tokens, "signals": signals}
 
 
 def random_official_state_dict(*, dim: int, depth: int, d_state: int, expand: int = 2, d_conv: int = 4,

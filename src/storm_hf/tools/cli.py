@@ -91,6 +91,128 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(value: Optional[int], default: Optional[int]) -> Optional[int]:
+    """`--limit`: None -> the command's default, 0 -> the whole split."""
+    value = default if value is None else value
+    return None if not value else value
+
+
+def _write_json(path: str, payload: Any) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from .data import load_image_dataset, processor_for
+    from .evaluation import (
+        DEFAULT_EVAL_LIMIT,
+        DEFAULT_STORM_PRESET,
+        default_checkpoint,
+        default_cifar10,
+        evaluate_model,
+        format_table,
+        load_model,
+        nearest_feasible_ratio,
+    )
+
+    demo = args.model is None  # no --model: the shipped CIFAR-10 checkpoint, unreduced vs default STORM
+    source = args.model or str(default_checkpoint())
+    data = args.data or default_cifar10()
+    limit = _limit(args.limit, DEFAULT_EVAL_LIMIT if demo else None)
+    model = load_model(source)
+    dataset = load_image_dataset(data, args.split, image_processor=processor_for(model, source), limit=limit)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+
+    storm = parse_storm_specs(args.storm)
+    settings: list[Optional[dict[str, Any]]] = []
+    notes: list[str] = []
+    if demo or args.baseline:
+        settings.append({"method": "none"})
+    if storm is None and demo:
+        storm = find_storm_preset(DEFAULT_STORM_PRESET)
+        size = tuple(dataset[0]["pixel_values"].shape[-2:])
+        ratio = nearest_feasible_ratio(model, storm["method"], storm["flops_ratio"], size)
+        if ratio is None:
+            notes.append(f"{storm['method']} cannot reach a FLOPs cut near {storm['flops_ratio']} on {size} inputs.")
+            storm = None
+        elif ratio != storm["flops_ratio"]:
+            notes.append(f"{storm['method']}: flops_ratio {storm['flops_ratio']} is not reachable on {size[0]}x"
+                         f"{size[1]} inputs; using the nearest reachable ratio, {ratio}.")
+            storm = {**storm, "flops_ratio": ratio}
+    if storm is not None:
+        settings.append(storm)
+    elif not demo and not args.baseline:
+        settings.append(None)  # the model's own configured reduction
+
+    rows = []
+    for setting in settings:
+        if setting is not None:
+            model.set_storm(setting)
+        rows.append(evaluate_model(model, dataset, args.batch_size, accelerator, num_workers=args.num_workers,
+                                   progress=not args.no_progress, description=model.storm_config.method))
+    subset = f" (subset of {limit}, evenly spaced)" if limit else ""
+    say(f"{source} on {data} [{args.split}]: {rows[0]['n_samples']} images{subset}")
+    for note in notes:
+        say(f"note: {note}")
+    say(format_table(rows))
+    if args.output and accelerator.is_main_process:
+        _write_json(args.output, {"model": source, "data": data, "split": args.split, "limit": limit, "rows": rows})
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from .data import load_image_dataset, processor_for
+    from .evaluation import default_checkpoint, default_cifar10, format_table, load_model
+    from .sweep import run_sweep, write_outputs
+
+    if not args.no_plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("storm-hf sweep: error: plots need matplotlib: pip install 'storm-hf[plot]', or pass --no-plots.",
+                  file=sys.stderr)
+            return 2
+    source = args.model or str(default_checkpoint())
+    data = args.data or default_cifar10()
+    limit = _limit(args.limit, None)
+    model = load_model(source)
+    base_storm = parse_storm_specs(args.storm)
+    if base_storm:  # shared settings (window, positions, similarity...) for every swept point
+        model.set_storm(base_storm)
+    dataset = load_image_dataset(data, args.split, image_processor=processor_for(model, source), limit=limit)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    out_dir = Path(args.output_dir)
+    setup = {
+        "model": str(Path(source).resolve()) if Path(source).is_dir() else source,
+        "data": data, "split": args.split, "limit": limit, "mixed_precision": args.mixed_precision,
+        "storm": base_storm,
+    }
+    rows = run_sweep(model, dataset, args.methods, args.ratios, out_dir / "results.jsonl", setup=setup,
+                     batch_size=args.batch_size, accelerator=accelerator, include_baseline=not args.no_baseline,
+                     progress=not args.no_progress)
+    if accelerator.is_main_process:
+        written = write_outputs(rows, out_dir, plots=not args.no_plots)
+        print(format_table(rows))
+        print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    if not Path(args.folder).is_dir():
+        raise FileNotFoundError(f"{args.folder} is not a folder; pass a model folder written by `storm-hf convert`.")
+    url = push_folder(args.folder, args.repo, private=args.private)
+    print(f"Pushed {args.folder} -> {url}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storm-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +232,53 @@ def make_parser() -> argparse.ArgumentParser:
                    help="reduction: key=value (e.g. method=storm_tome, flops_ratio=0.3), a JSON file, or a "
                         "configs/storm preset name; repeatable")
     p.set_defaults(func=cmd_inspect)
+
+    storm_help = ("reduction: key=value (e.g. method=storm_tome, flops_ratio=0.3), a JSON file, or a "
+                  "configs/storm preset name; repeatable")
+    p = sub.add_parser("eval", help="top-1/top-5, img/s and GFLOPs on an image dataset (works under accelerate launch)",
+                       description="With no arguments: the shipped VMamba CIFAR-10 checkpoint on a 2,000-image "
+                                   "subset of the CIFAR-10 test set, unreduced vs STORM at the default ratio.")
+    p.add_argument("--model", help="saved model folder or preset name (default: $STORM_HF_EVAL_CHECKPOINT or "
+                                   "checkpoints/vmamba-cifar10)")
+    p.add_argument("--data", help="parquet file/glob, folder of parquet or images, or Hub dataset id "
+                                  "(default: CIFAR-10 from ../shared/data/cifar10, else uoft-cs/cifar10)")
+    p.add_argument("--split", default="test", help="dataset split (default: test)")
+    p.add_argument("--batch-size", type=int, default=64, help="per-process batch size (default: 64)")
+    p.add_argument("--storm", action="append", default=[], help=storm_help)
+    p.add_argument("--baseline", action="store_true", help="also evaluate the unreduced model first")
+    p.add_argument("--limit", type=int, help="score N images evenly spaced over the split; 0 = all "
+                                             "(default: all; 2000 with no --model)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--output", help="write the result rows to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="methods x FLOPs ratios on one model; resumable; table, CSV/JSON and plots")
+    p.add_argument("--model", help="saved model folder or preset name (default: as for eval)")
+    p.add_argument("--data", help="dataset source (default: as for eval)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--methods", nargs="+", default=["storm_tome", "storm_evit", "evit", "tome"],
+                   help="reduction methods (default: storm_tome storm_evit evit tome)")
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4],
+                   help="FLOPs cuts (default: 0.1 0.2 0.3 0.4)")
+    p.add_argument("--storm", action="append", default=[],
+                   help="settings shared by every point (window, positions, similarity, ...); " + storm_help)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, help="score N images evenly spaced over the split; 0 = all (default)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--output-dir", required=True,
+                   help="results.jsonl (resumed if present), results.json/.csv/.md and the PNG plots go here")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unreduced row")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
+    p.add_argument("folder", help="model folder written by `storm-hf convert` (or save_model_folder)")
+    p.add_argument("--repo", required=True, help="ORG/NAME of the Hub model repo (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

@@ -162,6 +162,12 @@ def _map_mixer(rest: str, prefix: str) -> str | None:
     return None
 
 
+def _is_stacked(key: str) -> bool:
+    """True for the per-direction stacked SS2D tensors whose leading K=1 axis is dropped."""
+    match = re.search(r"\.mamba_g[1-4]\.(.+)$", key)
+    return bool(match) and match.group(1) in _GROUP_KEYS and _GROUP_KEYS[match.group(1)][1]
+
+
 def _map_key(key: str, num_stages: int) -> str | None:
     """Official key -> storm-hf key (without the classifier's `groupmamba.` prefix), or None if unknown."""
     m = re.match(r"patch_embed1\.(conv\.\d+\.\w+|proj\.\w+|norm\.\w+)$", key)
@@ -224,10 +230,9 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], config: GroupMamb
         if new is None:
             unknown.append(key)
             continue
-        name = key.rsplit(".", 1)[-1] if "mamba_g" not in key else key.split(".mamba_g", 1)[1].split(".", 1)[1]
-        if "mamba_g" in key and _GROUP_KEYS[name][1]:
+        if _is_stacked(key):
             if value.shape[0] != 1:
-                raise CheckpointError(f"{key} has shape {tuple(value.shape)}; expected a single scan direction (1, ...).")
+                raise CheckpointError(f"{key} has shape {tuple(value.shape)}; expected one scan direction (1, ...).")
             value = value[0]
         out["groupmamba." + new] = value
     if unknown:

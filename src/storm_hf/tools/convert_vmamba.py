@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from ..configuration_vmamba import VMambaConfig
+from .checkpoints import CheckpointError
 
 K = 4
 _BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.")
@@ -34,7 +35,7 @@ _LEGACY_BLOCK_PARTS = ((".ln_1.", ".norm."), (".self_attention.", ".op."))
 _POINTWISE = ("op.in_proj.weight", "op.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
 
 
-class UnsupportedCheckpointError(ValueError):
+class UnsupportedCheckpointError(CheckpointError):
     """The state dict is a VMamba variant this port does not implement, or not VMamba at all."""
 
 

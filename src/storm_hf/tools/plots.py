@@ -1,0 +1,61 @@
+"""Sweep figures: top-1 accuracy against GFLOPs and against throughput, one line per method.
+
+matplotlib is an optional dependency (``pip install "storm-hf[plot]"``); it is imported here only, with
+the headless Agg backend, so sweeps run without it when plots are switched off.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+PLOTS = {
+    "plot_gflops": ("top1_vs_gflops.png", "gflops", "GFLOPs per image"),
+    "plot_throughput": ("top1_vs_throughput.png", "img_per_s", "throughput (img/s)"),
+}
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(
+            "Plots need matplotlib: pip install 'storm-hf[plot]' (or matplotlib), or pass --no-plots."
+        ) from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
+    """Write the two PNGs for the feasible rows; the unreduced baseline is a star on every figure."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("top1") is not None]
+    if not ok:
+        raise ValueError("No feasible sweep rows to plot.")
+    baseline = [r for r in ok if r["method"] == "none"]
+    methods = sorted({r["method"] for r in ok} - {"none"})
+    written = {}
+    for name, (filename, x_key, x_label) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+        for method in methods:
+            points = sorted((r[x_key], 100 * r["top1"]) for r in ok if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        for row in baseline:
+            ax.scatter([row[x_key]], [100 * row["top1"]], marker="*", s=160, color="black", zorder=3,
+                       label="unreduced")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("top-1 accuracy (%)")
+        device = ok[0].get("device", "")
+        ax.set_title(f"top-1 vs {x_label}" + (f" — {device}, batch {ok[0].get('batch_size')}"
+                                                if x_key == "img_per_s" else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / filename
+        fig.savefig(path)
+        plt.close(fig)
+        written[name] = path
+    return written
