@@ -130,7 +130,7 @@ def profile(model: torch.nn.Module, pixels: torch.Tensor, args: argparse.Namespa
         total = statistics.median(time_forward(lambda: model(pixels), 1, args.runs))
         with FunctionTimer() as timer:
             time_forward(lambda: model(pixels), 0, args.runs)
-        with torch.profiler.profile() as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model(pixels)
     runs = args.runs
     scans = {k: v for k, v in timer.seconds.items() if isinstance(k, tuple)}

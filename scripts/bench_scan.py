@@ -30,7 +30,7 @@ SHAPES = {
     "plainmamba_l2": (128, 768, 196, 16, 1, True),
     "vim_s": (128, 768, 197, 16, 1, True),
 }
-SWEEP_SHAPES = ("vmamba_t_s0", "vmamba_t_s2", "vim_s")
+SWEEP_SHAPES = ("vmamba_t_s0", "vmamba_t_s2", "vmamba_t_s3", "vim_s")
 DEVICE = "cuda"
 
 
@@ -109,43 +109,45 @@ def newest_kernel_info(jit_fn):
         return {}
 
 
+# (BLOCK_L, BLOCK_D, num_warps) candidates tried by --sweep, for the forward and the backward.
+SWEEP_TILES = {
+    1: [(8, 32, 1), (8, 32, 2), (8, 64, 2), (8, 128, 4), (16, 16, 1), (16, 32, 2), (16, 32, 4),
+        (16, 64, 4), (16, 64, 8), (32, 16, 2), (32, 32, 4), (32, 32, 8)],
+    16: [(8, 2, 2), (8, 4, 2), (8, 4, 4), (8, 8, 4), (16, 2, 2), (16, 2, 4), (16, 4, 4), (16, 8, 4),
+         (16, 8, 8), (32, 4, 4)],
+}
+
+
 def sweep(name, x, bw, do_bench, sst, deadline):
-    """Time forward and backward tile configs for one shape (forward and backward share BLOCK_L)."""
+    """Time forward and backward tile candidates for one shape (the backward's states come from a
+    forward with the same BLOCK_L)."""
     batch, channels, length = x["u"].shape
     n_state, groups = x["A"].shape[1], x["B"].shape[1]
-    base = sst.launch_config(n_state, length, channels // groups)
-    n_pad = base["N_PAD"]
-    ls = [64, 128, 256] if n_pad <= 2 else [16, 32, 64]
-    ds = [1, 2, 4, 8, 16, 32]
+    base = sst.launch_config(n_state, length, channels // groups, x["u"].element_size())
     args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     dy = torch.randn(x["u"].shape, device=DEVICE).to(x["u"].dtype)
     fb, bb = fwd_bytes(x, x["u"].dtype), bwd_bytes(x, x["u"].dtype)
     rows = []
-    for block_l in ls:
-        if block_l > max(16, 2 * length):
-            continue
-        for block_d in ds:
-            for warps in (4, 8):
-                tile = block_d * n_pad * block_l
-                if tile < 512 or tile > 8192 or time.monotonic() > deadline:
-                    continue
-                cfg = dict(base, BLOCK_L=block_l, FWD_BLOCK_D=block_d, BWD_BLOCK_D=block_d,
-                           FWD_WARPS=warps, BWD_WARPS=warps)
-                row = {"shape": name, "BLOCK_L": block_l, "BLOCK_D": block_d, "warps": warps}
-                try:
-                    ms_f = do_bench(lambda: sst._forward(*args, True, x["u"].dtype, False, cfg),
-                                    warmup=10, rep=60, return_mode="median")
-                    row.update(fwd_ms=ms_f, fwd_floor=fb / bw / (ms_f * 1e-3), fwd_k=newest_kernel_info(sst._scan_fwd_kernel))
-                    if tile <= 4096:
-                        _, states = sst._forward(*args, True, x["u"].dtype, True, cfg)
-                        ms_b = do_bench(lambda: sst._backward(dy, *args, True, states, cfg),
-                                        warmup=10, rep=60, return_mode="median")
-                        row.update(bwd_ms=ms_b, bwd_floor=bb / bw / (ms_b * 1e-3),
-                                   bwd_k=newest_kernel_info(sst._scan_bwd_kernel))
-                except Exception as err:  # noqa: BLE001 - a config that fails to compile is reported
-                    row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for block_l, block_d, warps in SWEEP_TILES[base["N_PAD"]]:
+        if time.monotonic() > deadline:
+            break
+        cfg = dict(base, BLOCK_L=block_l, FWD_BLOCK_D=block_d, BWD_BLOCK_D=block_d,
+                   FWD_WARPS=warps, BWD_WARPS=warps)
+        row = {"shape": name, "BLOCK_L": block_l, "BLOCK_D": block_d, "warps": warps}
+        try:
+            ms_f = do_bench(lambda: sst._forward(*args, True, x["u"].dtype, False, cfg),
+                            warmup=10, rep=60, return_mode="median")
+            row.update(fwd_ms=ms_f, fwd_floor=fb / bw / (ms_f * 1e-3),
+                       fwd_k=newest_kernel_info(sst._scan_fwd_kernel))
+            _, states = sst._forward(*args, True, x["u"].dtype, True, cfg)
+            ms_b = do_bench(lambda: sst._backward(dy, *args, True, states, cfg),
+                            warmup=10, rep=60, return_mode="median")
+            row.update(bwd_ms=ms_b, bwd_floor=bb / bw / (ms_b * 1e-3),
+                       bwd_k=newest_kernel_info(sst._scan_bwd_kernel))
+        except Exception as err:  # noqa: BLE001 - a config that fails to compile is reported
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 

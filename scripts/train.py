@@ -19,7 +19,8 @@ from storm_hf.tools.training import default_data_dir, load_preset, train
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("preset", help="a name in configs/cifar10/ (vmamba, plainmamba, vim, groupmamba, vit) or a .json path")
+    parser.add_argument("preset", help="a name in configs/cifar10/ (vmamba, plainmamba, vim, groupmamba, vit) "
+                        "or the path of a preset .json")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help=f"folder of the CIFAR-10 parquet shards (default: {default_data_dir()})")
     parser.add_argument("--output-dir", type=Path, default=None,

@@ -299,9 +299,9 @@ def pair_similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor
     ``x / (|x| + 1e-6)`` normalisation.
     """
     if kind == "l1":
-        return -(a - b).abs().sum(-1)
+        return -(a - b).abs_().sum(-1)
     if kind == "l2":
-        return -(a - b).square().sum(-1)
+        return -(a - b).square_().sum(-1)
     if kind == "cosine":
         a = a / (a.norm(dim=-1, keepdim=True) + 1e-6)
         b = b / (b.norm(dim=-1, keepdim=True) + 1e-6)
@@ -312,11 +312,11 @@ def pair_similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor
 def token_importance(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token importance (..., C) -> (...) (EViT-style proxies: a vision SSM has no CLS attention)."""
     if kind == "abs_mean":
-        return x.abs().mean(-1)
+        return torch.linalg.vector_norm(x, 1, dim=-1) / x.shape[-1]
     if kind == "mean":
         return x.mean(-1)
     if kind == "l2":
-        return x.square().mean(-1).sqrt()
+        return torch.linalg.vector_norm(x, 2, dim=-1) / math.sqrt(x.shape[-1])
     raise ValueError(f"Unknown importance {kind!r}; choose one of {IMPORTANCES}.")
 
 
@@ -359,8 +359,13 @@ def _select_in_windows(scores: torch.Tensor, quotas: Sequence[int], window: int)
     order = padded.view(rows, num_windows, w).argsort(dim=-1, descending=True, stable=True)
     arange = torch.arange(w, device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, arange).view(rows, -1)[:, :n]
-    quota = torch.tensor(quotas, device=scores.device).repeat_interleave(w)[:n]
-    return rank < quota
+    return rank < _unit_quotas(n, tuple(quotas), w, scores.device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _unit_quotas(n: int, quotas: tuple[int, ...], w: int, device: torch.device) -> torch.Tensor:
+    """Each unit's window quota, cached per device: a fresh host-to-device copy per step would block."""
+    return torch.tensor(quotas, device=device).repeat_interleave(w)[:n]
 
 
 def pair_merge_slots(
@@ -520,10 +525,15 @@ def mtr_plan(delta: torch.Tensor, metric: torch.Tensor, in_hw: Grid, out_hw: Gri
 
 def random_plan(batch: int, in_hw: Grid, out_hw: Grid, seed: int, device: torch.device) -> ReductionPlan:
     """Uniform random keep of H'*W' tokens, the same for every sample, from a generator seeded by ``seed``."""
-    length = in_hw[0] * in_hw[1]
+    slots = _random_slots(in_hw[0] * in_hw[1], out_hw[0] * out_hw[1], seed, device)
+    return ReductionPlan(slots.expand(batch, -1), in_hw, out_hw, merges=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _random_slots(length: int, n_out: int, seed: int, device: torch.device) -> torch.Tensor:
     perm = torch.randperm(length, generator=torch.Generator().manual_seed(seed))
-    score = torch.zeros(length).index_fill_(0, perm[: out_hw[0] * out_hw[1]], 1.0)
-    return _keep_top_plan(score.to(device).expand(batch, length), in_hw, out_hw)
+    removed = torch.ones(length, dtype=torch.bool).index_fill_(0, perm[:n_out], False)
+    return _slots_from_mask(removed, n_out).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------

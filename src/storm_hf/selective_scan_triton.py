@@ -3,18 +3,21 @@
 Imported lazily by `selective_scan.py`; importing this module raises `ImportError` when Triton is
 missing so that model code can fall back to the PyTorch paths.
 
-Layout of the work: one program owns one batch element, one B/C group and `BLOCK_D` channels of
-that group, and walks the sequence in chunks of `BLOCK_L` time steps. Inside a chunk the linear
-recurrence `h_t = a_t h_{t-1} + b_t` is a parallel associative scan over a
-(BLOCK_D, N, BLOCK_L) tile; the state at the chunk's end is carried to the next chunk. Inputs are
-read once and the output written once, so the forward is bound by memory traffic, not arithmetic.
+Work split: one program owns one batch element, one B/C group and `BLOCK_D` channels of that group,
+and walks the sequence in chunks of `BLOCK_L` steps, carrying the (BLOCK_D, N) state between
+chunks. Inside a chunk the recurrence `h_t = a_t h_{t-1} + b_t` is an associative scan over a
+(BLOCK_D, N, BLOCK_L) tile. Every tensor is built from loads of 3-D pointer blocks whose last axis
+is time, so Triton gives them one layout in which each thread holds a run of consecutive time
+steps: the scan is then mostly sequential inside threads, with few shuffles and no layout
+conversions. The forward reads its inputs once and writes y once (memory-bound for small N).
 
 The forward stores the state at every chunk start (fp32, batch x channels x N x chunks: small next
-to the inputs). The backward walks the chunks in reverse, recomputes the states inside each chunk
-from its stored start, and runs the adjoint recurrence `g_t = dA_{t+1} g_{t+1} + C_t dy_t` as a
-reverse scan. Gradients of B and C (shared by the channels of a group) are summed over the tile's
-channels and then added atomically across programs; per-channel parameter gradients (A, D,
-delta_bias) are written per batch element and summed in PyTorch, which keeps them deterministic.
+to the inputs). The backward walks the chunks in reverse, recomputes the states of each chunk from
+its stored start, and runs the adjoint `g_t = C_t dy_t + exp(Δ_{t+1} A) g_{t+1}` as a reverse scan.
+The shift by one step is folded into the scan (see `_adjoint_combine`) instead of re-loading Δ at
+t+1. Gradients of B and C (shared by a group's channels) are summed over the tile's channels, then
+added atomically across programs; per-channel parameter gradients (A, D, delta_bias) are written
+per batch element and summed in PyTorch, which keeps them deterministic.
 """
 from __future__ import annotations
 
@@ -31,10 +34,9 @@ except ImportError as exc:  # pragma: no cover - exercised on machines without t
         "use selective_scan(..., backend='chunked') without it"
     ) from exc
 
-__all__ = ["selective_scan_triton", "MAX_D_STATE"]
+__all__ = ["selective_scan_triton", "launch_config", "MAX_D_STATE"]
 
 MAX_D_STATE = 16
-_LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,22 +51,44 @@ def _linear_combine(a_left, b_left, a_right, b_right):
 
 
 @triton.jit
+def _adjoint_combine(a_late, p_late, o_late, x_late, a_early, p_early, o_early, x_early):
+    # Reverse scan of the adjoint. A segment [t..e] of steps carries
+    #   a = prod_{s=t..e} decay_s,  p = prod_{s=t+1..e} decay_s,
+    #   o = sum_{s=t..e} (prod_{r=t..s} decay_r) src_s   (what flows into step t-1),
+    #   x = sum_{s=t+1..e} (prod_{r=t+1..s} decay_r) src_s  (what flows into step t: the shifted o).
+    # Then g_t = src_t + x_t + p_t * carry, with carry = o of the following chunk's first step.
+    return (a_early * a_late, p_early * a_late, o_early + a_early * o_late, x_early + p_early * o_late)
+
+
+@triton.jit
+def _softplus_parts(v):
+    # softplus(v) = max(v, 0) + log1p(t), t = exp(-|v|) in (0, 1]; log1p(t) = 2 atanh(t / (2 + t))
+    # by its odd series (|s| <= 1/3, 7 terms: < 2e-8 relative). Fast (one exp, one divide) and
+    # accurate for tiny Δ, where log(1 + exp(v)) in fp32 would lose every digit. Equals PyTorch's
+    # thresholded softplus in fp32: above 20 the log1p term is below half an ulp of v.
+    t = tl.exp(-tl.abs(v))
+    s = t / (2.0 + t)
+    s2 = s * s
+    poly = s2 * (1.0 / 13.0) + (1.0 / 11.0)
+    poly = poly * s2 + (1.0 / 9.0)
+    poly = poly * s2 + (1.0 / 7.0)
+    poly = poly * s2 + (1.0 / 5.0)
+    poly = poly * s2 + (1.0 / 3.0)
+    poly = poly * s2 + 1.0
+    return tl.maximum(v, 0.0) + 2.0 * s * poly, t
+
+
+@triton.jit
 def _softplus(v):
-    # PyTorch's softplus (threshold 20), with Kahan's log1p so tiny Δ keep full relative precision.
-    e = tl.exp(v)
-    w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.where(v > 20.0, v, log1p_e)
+    sp, _ = _softplus_parts(v)
+    return sp
 
 
 @triton.jit
 def _softplus_and_grad(v):
-    # softplus(v) and its derivative sigmoid(v) = e / (1 + e), sharing one exp.
-    e = tl.exp(v)
-    w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    big = v > 20.0
-    return tl.where(big, v, log1p_e), tl.where(big, 1.0, e / w)
+    # softplus(v) and its derivative sigmoid(v), sharing the exp.
+    sp, t = _softplus_parts(v)
+    return sp, tl.where(v >= 0.0, 1.0, t) / (1.0 + t)
 
 
 @triton.jit
@@ -93,64 +117,82 @@ def _scan_fwd_kernel(
     g = pid_bg % n_groups
     n_channels = n_groups * per_group
 
-    d_loc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Index blocks: channel (D, 1, 1), state (1, N, 1), time (1, 1, L).
+    d_loc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None, None]
     d_mask = d_loc < per_group
     chan = g * per_group + d_loc
-    n_idx = tl.arange(0, N_PAD)
+    n_idx = tl.arange(0, N_PAD)[None, :, None]
     n_mask = n_idx < n_state
-    l_loc = tl.arange(0, BLOCK_L)
+    dn_mask = d_mask & n_mask
+    l_loc = tl.arange(0, BLOCK_L)[None, None, :]
 
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A2 = tl.load(A_ptr + chan[:, None] * n_state + n_idx[None, :], mask=dn_mask, other=0.0)
-    A2 = A2.to(tl.float32) * 1.4426950408889634  # exp(x) == exp2(x * log2 e)
+    A2 = tl.load(A_ptr + chan * n_state + n_idx, mask=dn_mask, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634  # exp(x) == exp2(x * log2 e)
     if HAS_D:
         Dv = tl.load(D_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
 
-    u_base = u_ptr + b * s_u_b + chan[:, None] * s_u_c
-    dt_base = dt_ptr + b * s_dt_b + chan[:, None] * s_dt_c
-    o_base = out_ptr + b * s_o_b + chan[:, None] * s_o_c
+    u_base = u_ptr + b * s_u_b + chan * s_u_c
+    dt_base = dt_ptr + b * s_dt_b + chan * s_dt_c
+    o_base = out_ptr + b * s_o_b + chan * s_o_c
     if HAS_Z:
-        z_base = z_ptr + b * s_z_b + chan[:, None] * s_z_c
-    B_base = B_ptr + b * s_B_b + g * s_B_g + n_idx[:, None] * s_B_n
-    C_base = C_ptr + b * s_C_b + g * s_C_g + n_idx[:, None] * s_C_n
-    st_base = state_ptr + ((b * n_channels + chan[:, None]) * n_state + n_idx[None, :]) * n_chunks
+        z_base = z_ptr + b * s_z_b + chan * s_z_c
+    B_base = B_ptr + b * s_B_b + g * s_B_g + n_idx * s_B_n
+    C_base = C_ptr + b * s_C_b + g * s_C_g + n_idx * s_C_n
+    st_base = state_ptr + ((b * n_channels + chan) * n_state + n_idx) * n_chunks
 
-    h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
+    # Loads for chunk k+1 are issued before chunk k is computed (a hand-made software pipeline:
+    # Triton does not pipeline loads that feed no dot), so memory latency overlaps the scan.
+    l_mask = l_loc < length
+    u_nxt = tl.load(u_base + l_loc, mask=d_mask & l_mask, other=0.0)
+    dt_nxt = tl.load(dt_base + l_loc, mask=d_mask & l_mask, other=0.0)
+    B_nxt = tl.load(B_base + l_loc, mask=n_mask & l_mask, other=0.0)
+    C_nxt = tl.load(C_base + l_loc, mask=n_mask & l_mask, other=0.0)
+    if HAS_Z:
+        z_nxt = tl.load(z_base + l_loc, mask=d_mask & l_mask, other=0.0)
+
+    h = tl.zeros((BLOCK_D, N_PAD, 1), dtype=tl.float32)
     for k in range(0, n_chunks):
         l_idx = k * BLOCK_L + l_loc
-        l_mask = l_idx < length
-        dl_mask = d_mask[:, None] & l_mask[None, :]
-        nl_mask = n_mask[:, None] & l_mask[None, :]
+        dl_mask = d_mask & (l_idx < length)
+        u = u_nxt.to(tl.float32)
+        dt = dt_nxt.to(tl.float32)
+        Bt = B_nxt.to(tl.float32)
+        Ct = C_nxt.to(tl.float32)
+        if HAS_Z:
+            zz = z_nxt.to(tl.float32)
 
-        u = tl.load(u_base + l_idx[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-        dt = tl.load(dt_base + l_idx[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-        Bt = tl.load(B_base + l_idx[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + l_idx[None, :], mask=nl_mask, other=0.0).to(tl.float32)
+        l_pre = l_idx + BLOCK_L
+        pre_mask = l_pre < length
+        u_nxt = tl.load(u_base + l_pre, mask=d_mask & pre_mask, other=0.0)
+        dt_nxt = tl.load(dt_base + l_pre, mask=d_mask & pre_mask, other=0.0)
+        B_nxt = tl.load(B_base + l_pre, mask=n_mask & pre_mask, other=0.0)
+        C_nxt = tl.load(C_base + l_pre, mask=n_mask & pre_mask, other=0.0)
+        if HAS_Z:
+            z_nxt = tl.load(z_base + l_pre, mask=d_mask & pre_mask, other=0.0)
+
         if HAS_BIAS:
-            dt = dt + bias[:, None]
+            dt = dt + bias
         if SOFTPLUS:
             dt = _softplus(dt)
-
         if STORE_STATES:
             tl.store(st_base + k, h, mask=dn_mask)
 
-        decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        drive = (dt * u)[:, None, :] * Bt[None, :, :]
+        decay = tl.exp2(dt * A2)
+        drive = (dt * u) * Bt
         a_cum, b_cum = tl.associative_scan((decay, drive), 2, _linear_combine)
-        hs = a_cum * h[:, :, None] + b_cum
+        hs = a_cum * h + b_cum
 
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        y = tl.sum(hs * Ct, axis=1, keep_dims=True)
         if HAS_D:
-            y += Dv[:, None] * u
+            y += Dv * u
         if HAS_Z:
-            zz = tl.load(z_base + l_idx[None, :], mask=dl_mask, other=0.0).to(tl.float32)
             y = y * zz * _sigmoid(zz)
-        tl.store(o_base + l_idx[None, :], y, mask=dl_mask)
+        tl.store(o_base + l_idx, y, mask=dl_mask)
 
-        # Carry the state after the chunk's last step (only read when another full chunk follows).
-        h = tl.sum(tl.where(l_loc[None, None, :] == BLOCK_L - 1, hs, 0.0), axis=2)
+        # State after the chunk's last step (only used when another full chunk follows).
+        h = tl.sum(tl.where(l_loc == BLOCK_L - 1, hs, 0.0), axis=2, keep_dims=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,112 +216,135 @@ def _scan_bwd_kernel(
     g = pid_bg % n_groups
     n_channels = n_groups * per_group
 
-    d_loc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_loc = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[:, None, None]
     d_mask = d_loc < per_group
     chan = g * per_group + d_loc
-    n_idx = tl.arange(0, N_PAD)
+    n_idx = tl.arange(0, N_PAD)[None, :, None]
     n_mask = n_idx < n_state
-    l_loc = tl.arange(0, BLOCK_L)
+    dn_mask = d_mask & n_mask
+    l_loc = tl.arange(0, BLOCK_L)[None, None, :]
 
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A = tl.load(A_ptr + chan[:, None] * n_state + n_idx[None, :], mask=dn_mask, other=0.0)
-    A = A.to(tl.float32)
+    A = tl.load(A_ptr + chan * n_state + n_idx, mask=dn_mask, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + chan, mask=d_mask, other=0.0).to(tl.float32)
 
-    # Gradient tensors of u, delta, z share the contiguous (batch, channels, L) layout.
-    row = (b * n_channels + chan[:, None]) * length
-    u_base = u_ptr + b * s_u_b + chan[:, None] * s_u_c
-    dt_base = dt_ptr + b * s_dt_b + chan[:, None] * s_dt_c
-    dy_base = dy_ptr + b * s_dy_b + chan[:, None] * s_dy_c
+    # Gradients of u, delta, z are allocated contiguous (batch, channels, L).
+    row = (b * n_channels + chan) * length
+    u_base = u_ptr + b * s_u_b + chan * s_u_c
+    dt_base = dt_ptr + b * s_dt_b + chan * s_dt_c
+    dy_base = dy_ptr + b * s_dy_b + chan * s_dy_c
     if HAS_Z:
-        z_base = z_ptr + b * s_z_b + chan[:, None] * s_z_c
-    B_base = B_ptr + b * s_B_b + g * s_B_g + n_idx[:, None] * s_B_n
-    C_base = C_ptr + b * s_C_b + g * s_C_g + n_idx[:, None] * s_C_n
-    dBC_off = ((b * n_groups + g) * n_state + n_idx[:, None]) * length
-    st_base = state_ptr + ((b * n_channels + chan[:, None]) * n_state + n_idx[None, :]) * n_chunks
+        z_base = z_ptr + b * s_z_b + chan * s_z_c
+    B_base = B_ptr + b * s_B_b + g * s_B_g + n_idx * s_B_n
+    C_base = C_ptr + b * s_C_b + g * s_C_g + n_idx * s_C_n
+    dBC_base = ((b * n_groups + g) * n_state + n_idx) * length
+    st_base = state_ptr + ((b * n_channels + chan) * n_state + n_idx) * n_chunks
 
-    carry = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)  # dL/dh at the next chunk's first step
-    dA_acc = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    carry = tl.zeros((BLOCK_D, N_PAD, 1), dtype=tl.float32)  # adjoint flowing in from later chunks
+    dA_acc = tl.zeros((BLOCK_D, N_PAD, 1), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D, 1, 1), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D, 1, 1), dtype=tl.float32)
+
+    # Hand-made software pipeline as in the forward: chunk k-1 is loaded while k is computed.
+    l_last = (n_chunks - 1) * BLOCK_L + l_loc
+    l_mask = l_last < length
+    u_nxt = tl.load(u_base + l_last, mask=d_mask & l_mask, other=0.0)
+    v_nxt = tl.load(dt_base + l_last, mask=d_mask & l_mask, other=0.0)
+    dy_nxt = tl.load(dy_base + l_last, mask=d_mask & l_mask, other=0.0)
+    B_nxt = tl.load(B_base + l_last, mask=n_mask & l_mask, other=0.0)
+    C_nxt = tl.load(C_base + l_last, mask=n_mask & l_mask, other=0.0)
+    if HAS_Z:
+        z_nxt = tl.load(z_base + l_last, mask=d_mask & l_mask, other=0.0)
 
     for kk in range(0, n_chunks):
         k = n_chunks - 1 - kk
         l_idx = k * BLOCK_L + l_loc
         l_mask = l_idx < length
-        dl_mask = d_mask[:, None] & l_mask[None, :]
-        nl_mask = n_mask[:, None] & l_mask[None, :]
-        nxt_mask = d_mask[:, None] & ((l_idx + 1) < length)[None, :]
+        dl_mask = d_mask & l_mask
+        nl_mask = n_mask & l_mask
+        u = u_nxt.to(tl.float32)
+        v = v_nxt.to(tl.float32)
+        dy = dy_nxt.to(tl.float32)
+        Bt = B_nxt.to(tl.float32)
+        Ct = C_nxt.to(tl.float32)
+        if HAS_Z:
+            zz = z_nxt.to(tl.float32)
 
-        u = tl.load(u_base + l_idx[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-        v = tl.load(dt_base + l_idx[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-        v_nxt = tl.load(dt_base + l_idx[None, :] + 1, mask=nxt_mask, other=0.0).to(tl.float32)
-        Bt = tl.load(B_base + l_idx[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + l_idx[None, :], mask=nl_mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_base + l_idx[None, :], mask=dl_mask, other=0.0).to(tl.float32)
+        l_pre = l_idx - BLOCK_L
+        pre_mask = l_pre >= 0
+        u_nxt = tl.load(u_base + l_pre, mask=d_mask & pre_mask, other=0.0)
+        v_nxt = tl.load(dt_base + l_pre, mask=d_mask & pre_mask, other=0.0)
+        dy_nxt = tl.load(dy_base + l_pre, mask=d_mask & pre_mask, other=0.0)
+        B_nxt = tl.load(B_base + l_pre, mask=n_mask & pre_mask, other=0.0)
+        C_nxt = tl.load(C_base + l_pre, mask=n_mask & pre_mask, other=0.0)
+        if HAS_Z:
+            z_nxt = tl.load(z_base + l_pre, mask=d_mask & pre_mask, other=0.0)
+
         if HAS_BIAS:
-            v = v + bias[:, None]
-            v_nxt = v_nxt + bias[:, None]
+            v = v + bias
         if SOFTPLUS:
             dt, dsoftplus = _softplus_and_grad(v)
-            dt_nxt = _softplus(v_nxt)
         else:
             dt = v
-            dt_nxt = v_nxt
 
         # Recompute this chunk's states from its stored start.
         h0 = tl.load(st_base + k, mask=dn_mask, other=0.0)
-        decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        decay = tl.exp2(dt * A2)
         dtu = dt * u
-        drive = dtu[:, None, :] * Bt[None, :, :]
+        drive = dtu * Bt
         a_cum, b_cum = tl.associative_scan((decay, drive), 2, _linear_combine)
-        hs = a_cum * h0[:, :, None] + b_cum
+        hs = a_cum * h0 + b_cum
 
         if HAS_Z:
-            zz = tl.load(z_base + l_idx[None, :], mask=dl_mask, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            y = tl.sum(hs * Ct, axis=1, keep_dims=True)
             if HAS_D:
-                y += Dv[:, None] * u
+                y += Dv * u
             sig = _sigmoid(zz)
             dz = dy * y * sig * (1.0 + zz * (1.0 - sig))
-            tl.store(dz_ptr + row + l_idx[None, :], dz, mask=dl_mask)
+            tl.store(dz_ptr + row + l_idx, dz, mask=dl_mask)
             dy = dy * zz * sig
         if HAS_D:
-            dD_acc += tl.sum(dy * u, axis=1)
+            dD_acc += tl.sum(dy * u, axis=2, keep_dims=True)
 
-        # Adjoint: g_t = exp(Δ_{t+1} A) g_{t+1} + C_t dy_t, scanned right to left.
-        decay_nxt = tl.exp2(dt_nxt[:, None, :] * A2[:, :, None])
-        src = dy[:, None, :] * Ct[None, :, :]
-        a_rev, b_rev = tl.associative_scan((decay_nxt, src), 2, _linear_combine, reverse=True)
-        gh = a_rev * carry[:, :, None] + b_rev
-        carry = tl.sum(tl.where(l_loc[None, None, :] == 0, gh, 0.0), axis=2)
+        # Adjoint g_t = dL/dh_t, right to left, as a forward scan over the time-reversed chunk:
+        # tl.flip stays in registers when threads hold runs of time steps, whereas Triton lowers
+        # `reverse=True` scans with a full-warp lane reversal. Padded steps have dy = 0.
+        src = dy * Ct
+        # `zeros` comes from a loaded tensor on purpose: it pins the scan to the layout of the
+        # loads (threads own runs of time steps) rather than the one tl.flip's reshapes suggest.
+        zeros = tl.broadcast_to(dy * 0.0, decay.shape)
+        decay_r = tl.flip(decay, 2)
+        a_r, p_r, o_r, x_r = tl.associative_scan(
+            (decay_r, zeros + 1.0, decay_r * tl.flip(src, 2), zeros), 2, _adjoint_combine
+        )
+        gh = src + tl.flip(x_r + p_r * carry, 2)
+        carry = tl.sum(tl.where(l_loc == BLOCK_L - 1, o_r + a_r * carry, 0.0), axis=2, keep_dims=True)
 
-        dB_t = tl.sum(gh * dtu[:, None, :], axis=0)
-        dC_t = tl.sum(hs * dy[:, None, :], axis=0)
-        tl.atomic_add(dB_ptr + dBC_off + l_idx[None, :], dB_t, mask=nl_mask)
-        tl.atomic_add(dC_ptr + dBC_off + l_idx[None, :], dC_t, mask=nl_mask)
+        dB_t = tl.sum(gh * dtu, axis=0, keep_dims=True)
+        dC_t = tl.sum(hs * dy, axis=0, keep_dims=True)
+        tl.atomic_add(dB_ptr + dBC_base + l_idx, dB_t, mask=nl_mask)
+        tl.atomic_add(dC_ptr + dBC_base + l_idx, dC_t, mask=nl_mask)
 
-        gB = tl.sum(gh * Bt[None, :, :], axis=1)
+        gB = tl.sum(gh * Bt, axis=1, keep_dims=True)
         du = dt * gB
         if HAS_D:
-            du += Dv[:, None] * dy
-        # decay * h_{t-1} == h_t - Δ_t B_t u_t: avoids keeping a shifted copy of the states.
+            du += Dv * dy
+        # decay_t * h_{t-1} == h_t - Δ_t B_t u_t: no shifted copy of the states needed.
         g_prev = gh * (hs - drive)
-        ddt = u * gB + tl.sum(g_prev * A[:, :, None], axis=1)
-        dA_acc += tl.sum(g_prev * dt[:, None, :], axis=2)
+        ddt = u * gB + tl.sum(g_prev * A, axis=1, keep_dims=True)
+        dA_acc += tl.sum(g_prev * dt, axis=2, keep_dims=True)
         if SOFTPLUS:
             ddt = ddt * dsoftplus
         ddt = tl.where(dl_mask, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + row + l_idx[None, :], du, mask=dl_mask)
-        tl.store(ddt_ptr + row + l_idx[None, :], ddt, mask=dl_mask)
+        dbias_acc += tl.sum(ddt, axis=2, keep_dims=True)
+        tl.store(du_ptr + row + l_idx, du, mask=dl_mask)
+        tl.store(ddt_ptr + row + l_idx, ddt, mask=dl_mask)
 
     part = b * n_channels + chan
-    tl.store(dA_part_ptr + part[:, None] * n_state + n_idx[None, :], dA_acc, mask=dn_mask)
+    tl.store(dA_part_ptr + part * n_state + n_idx, dA_acc, mask=dn_mask)
     if HAS_D:
         tl.store(dD_part_ptr + part, dD_acc, mask=d_mask)
     if HAS_BIAS:
@@ -295,27 +360,42 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def launch_config(n_state: int, length: int, per_group: int) -> dict:
-    """Tile sizes: forward and backward share BLOCK_L (the backward restarts from per-chunk states).
+# Tile shapes (BLOCK_L, BLOCK_D, num_warps) per state size, measured on an H100 (scripts/bench_scan.py
+# --sweep). Forward and backward share BLOCK_L: the backward restarts from per-chunk states.
+_TILES = {
+    # n_pad: (BLOCK_L, forward BLOCK_D, backward BLOCK_D)
+    1: (16, 32, 32),
+    2: (16, 16, 16),
+    4: (16, 8, 8),
+    8: (16, 4, 4),
+    16: (16, 4, 4),
+}
 
-    Tiles hold about 2-4k fp32 elements per program so the scan stays in registers; the
-    state dimension is padded to a power of two and fills part of that budget.
+
+def launch_config(n_state: int, length: int, per_group: int, elem_size: int = 2) -> dict:
+    """Tile sizes and warps for one call (see `_TILES`).
+
+    A thread loads 16 bytes of consecutive time steps at once, so with BLOCK_L of one or two such
+    vectors the scans run mostly inside threads; warps are sized so that every thread owns about
+    one vector of the tile.
     """
     n_pad = _next_pow2(n_state)
-    cap_l = 128 if n_pad <= 2 else (64 if n_pad <= 8 else 32)
-    block_l = max(16, min(cap_l, _next_pow2(length)))
-    per_group_pow2 = _next_pow2(per_group)
+    block_l, fwd_d, bwd_d = _TILES[n_pad]
+    block_l = max(8, min(block_l, _next_pow2(length)))
+    per_thread = max(1, 16 // elem_size) if n_pad == 1 else 8
 
-    def block_d(budget: int) -> int:
-        return max(1, min(per_group_pow2, budget // (n_pad * block_l)))
+    def warps(block_d: int) -> int:
+        return max(1, min(8, block_d * n_pad * block_l // (per_thread * 32)))
 
+    fwd_d = min(fwd_d, _next_pow2(per_group))
+    bwd_d = min(bwd_d, _next_pow2(per_group))
     return {
         "N_PAD": n_pad,
         "BLOCK_L": block_l,
-        "FWD_BLOCK_D": block_d(2048),
-        "BWD_BLOCK_D": block_d(1024),
-        "FWD_WARPS": 4,
-        "BWD_WARPS": 4,
+        "FWD_BLOCK_D": fwd_d,
+        "BWD_BLOCK_D": bwd_d,
+        "FWD_WARPS": warps(fwd_d),
+        "BWD_WARPS": warps(bwd_d),
     }
 
 
@@ -485,6 +565,6 @@ def selective_scan_triton(
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    cfg = launch_config(A.shape[1], u.shape[2], u.shape[1] // B.shape[1])
+    cfg = launch_config(A.shape[1], u.shape[2], u.shape[1] // B.shape[1], u.element_size())
     out_dtype = u.dtype if out_dtype is None else out_dtype
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), out_dtype, cfg)

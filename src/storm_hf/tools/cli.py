@@ -236,7 +236,7 @@ def make_parser() -> argparse.ArgumentParser:
     storm_help = ("reduction: key=value (e.g. method=storm_tome, flops_ratio=0.3), a JSON file, or a "
                   "configs/storm preset name; repeatable")
     p = sub.add_parser("eval", help="top-1/top-5, img/s and GFLOPs on an image dataset (works under accelerate launch)",
-                       description="With no arguments: the shipped VMamba CIFAR-10 checkpoint on a 2,000-image "
+                       description="With no arguments: the shipped VMamba CIFAR-10 checkpoint on a 1,000-image "
                                    "subset of the CIFAR-10 test set, unreduced vs STORM at the default ratio.")
     p.add_argument("--model", help="saved model folder or preset name (default: $STORM_HF_EVAL_CHECKPOINT or "
                                    "checkpoints/vmamba-cifar10)")
@@ -247,7 +247,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--storm", action="append", default=[], help=storm_help)
     p.add_argument("--baseline", action="store_true", help="also evaluate the unreduced model first")
     p.add_argument("--limit", type=int, help="score N images evenly spaced over the split; 0 = all "
-                                             "(default: all; 2000 with no --model)")
+                                             "(default: all; 1000 with no --model)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -40,14 +40,18 @@ def save_model_folder(
     card_fields: Optional[dict[str, Any]] = None,
     card_template: str = "converted",
     safe_dtype: Any = None,
+    image_processor: Any = None,
 ) -> Path:
-    """Save config, safetensors weights, model code, preprocessor config and a README model card."""
+    """Save config, safetensors weights, model code, preprocessor config and a README model card.
+
+    `image_processor` defaults to the family's official ImageNet eval preprocessing.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if safe_dtype is not None:
         model = model.to(safe_dtype)
     model.save_pretrained(output_dir)
-    image_processor_for(model).save_pretrained(output_dir)
+    (image_processor or image_processor_for(model)).save_pretrained(output_dir)
     if card_fields is not None:
         fields = {
             "title": output_dir.name,

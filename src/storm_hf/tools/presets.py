@@ -24,12 +24,22 @@ def list_presets(kind: str | None = None) -> dict[str, Path]:
 
 
 def find_model_preset(name: str) -> tuple[str, dict[str, Any]]:
-    """Return `(arch, config kwargs)` for a model preset such as 'vmamba_tiny_s1l8'."""
+    """Return `(arch, config kwargs)` for a model preset such as 'vmamba_tiny_s1l8' or 'cifar10/vmamba'.
+
+    Plain presets hold config kwargs and are filed under their architecture's folder; task presets
+    (e.g. configs/cifar10/) hold `{"arch", "model", "training"}`.
+    """
     root = configs_dir()
-    for path in sorted(root.glob(f"*/{name}.json")):
-        if path.parent.name != "storm":
-            return path.parent.name, json.loads(path.read_text())
-    known = sorted(n for n, p in list_presets().items() if p.parent.name != "storm")
+    paths = [root / f"{name}.json"] if "/" in name else sorted(root.glob(f"*/{name}.json"))
+    for path in paths:
+        if path.is_file() and path.parent.name != "storm":
+            data = json.loads(path.read_text())
+            if "arch" in data and "model" in data:
+                return data["arch"], dict(data["model"])
+            return path.parent.name, data
+    known = sorted(
+        str(p.relative_to(root).with_suffix("")) for p in root.glob("*/*.json") if p.parent.name != "storm"
+    )
     raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(known) or 'none'}.")
 
 

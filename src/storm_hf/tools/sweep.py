@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -178,8 +179,6 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
         lines.append([json.dumps(row[c]) if isinstance(row.get(c), (list, dict)) else row.get(c, "")
                       for c in CSV_COLUMNS])
     path = Path(path)
-    import io
-
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)

@@ -10,6 +10,7 @@ Presets live in `configs/cifar10/<name>.json`:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import io
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hub import count_params
+
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -33,9 +36,11 @@ ARCH_TITLES = {
     "vmamba": "VMamba", "plainmamba": "PlainMamba", "vim": "Vision Mamba (Vim)", "groupmamba": "GroupMamba",
     "vit": "ViT (transformers' ViTForImageClassification, the attention reference)",
 }
-# Parameters that are not weight-decayed: SSM dynamics, embeddings added to tokens, and (by ndim) norms/biases.
-NO_DECAY_NAMES = ("A_log", "A_logs", "A_b_log", "Ds", "D", "D_b", "skip_scale", "pos_embed", "cls_token",
-                  "position_embeddings", "dt_bias", "dt_projs_bias")
+# Parameters that are not weight-decayed besides every 1-D one (norms, biases): SSM dynamics (by parameter
+# name) and tokens/embeddings added to the sequence (by substring of the full name).
+NO_DECAY_NAMES = ("A_log", "A_logs", "A_b_log", "Ds", "D", "D_b", "skip_scale", "dt_bias", "dt_projs_bias",
+                  "direction_Bs")
+NO_DECAY_SUBSTRINGS = ("pos_embed", "position_embeddings", "cls_token")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,13 +88,15 @@ def load_split(
     """Decode a CIFAR-10 split once: (uint8 images (N, 3, 32, 32), int64 labels (N,)).
 
     Reads the Hugging Face parquet layout (`image` = struct of JPEG `bytes` and `path`, `label` = int).
-    `limit` keeps the first rows (smoke tests).
+    `limit` keeps that many rows evenly spaced over the split (`data.subset_indices`: the test split is
+    class-sorted, so its first rows would all be airplanes), for smoke runs.
     """
     import numpy as np
     import pyarrow.parquet as pq
 
-    images, labels = [], []
-    remaining = limit
+    from .data import subset_indices
+
+    blobs, labels, where = [], [], []
     for path in split_files(data_dir, split):
         table = pq.read_table(path)
         if "image" not in table.column_names or "label" not in table.column_names:
@@ -97,25 +104,22 @@ def load_split(
                 f"{path} has columns {table.column_names}; a CIFAR-10 shard needs 'image' (with JPEG 'bytes') "
                 "and 'label'."
             )
-        if remaining is not None:
-            table = table.slice(0, remaining)
-            remaining -= table.num_rows
-        column = table.column("image").combine_chunks()
         try:
-            blobs = column.field("bytes").to_pylist()
+            blobs.extend(table.column("image").combine_chunks().field("bytes").to_pylist())
         except (KeyError, AttributeError, TypeError) as err:
             raise ValueError(f"{path}: the 'image' column must be a struct with a 'bytes' field.") from err
-        images.extend(_decode_image(b, f"{path.name} row {i}") for i, b in enumerate(blobs))
         labels.extend(table.column("label").to_pylist())
-        if remaining is not None and remaining <= 0:
-            break
-    label_tensor = torch.tensor(labels, dtype=torch.int64)
-    if len(label_tensor) == 0:
+        where.extend((path.name, row) for row in range(table.num_rows))
+    if not labels:
         raise ValueError(f"The CIFAR-10 {split} split in {data_dir} is empty.")
+    keep = subset_indices(len(labels), limit)
+    label_tensor = torch.tensor([labels[i] for i in keep], dtype=torch.int64)
     if label_tensor.min() < 0 or label_tensor.max() >= len(CIFAR10_LABELS):
         raise ValueError(
-            f"CIFAR-10 labels must lie in 0..{len(CIFAR10_LABELS) - 1}, found {label_tensor.min()}..{label_tensor.max()}."
+            f"CIFAR-10 labels must lie in 0..{len(CIFAR10_LABELS) - 1}, "
+            f"found {label_tensor.min()}..{label_tensor.max()}."
         )
+    images = [_decode_image(blobs[i], "{} row {}".format(*where[i])) for i in keep]
     image_tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return image_tensor, label_tensor
 
@@ -238,7 +242,9 @@ def load_preset(name_or_path: Union[str, Path]) -> dict[str, Any]:
         path = presets_dir() / f"{name_or_path}.json"
     if not path.is_file():
         known = sorted(p.stem for p in presets_dir().glob("*.json")) if presets_dir().is_dir() else []
-        raise ValueError(f"Unknown CIFAR-10 preset {str(name_or_path)!r}; known presets: {', '.join(known) or 'none'}.")
+        raise ValueError(
+            f"Unknown CIFAR-10 preset {str(name_or_path)!r}; known presets: {', '.join(known) or 'none'}."
+        )
     preset = json.loads(path.read_text())
     check_preset(preset, str(path))
     return preset
@@ -271,10 +277,6 @@ def build_model(preset: dict[str, Any]) -> nn.Module:
     return spec.classifier_cls(spec.config_cls(**kwargs))
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def model_gflops(model: nn.Module, image_size: int = IMAGE_SIZE) -> float:
     """Forward GFLOPs at image_size (1 multiply-add = 1 FLOP): the backbone's analytic count for storm-hf
     models; for other models torch's FLOP counter (matmuls, convolutions, attention; norms not counted)."""
@@ -303,7 +305,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if not param.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        skip = param.ndim <= 1 or leaf in NO_DECAY_NAMES or any(key in name for key in ("pos_embed", "position_embeddings", "cls_token"))
+        skip = param.ndim <= 1 or leaf in NO_DECAY_NAMES or any(key in name for key in NO_DECAY_SUBSTRINGS)
         (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -340,6 +342,25 @@ class TrainResult:
     output_dir: Optional[Path]
 
 
+@dataclasses.dataclass
+class _Run:
+    """What one epoch needs: the prepared objects, the on-device data and the random streams."""
+
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    cfg: TrainingConfig
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    augment_rng: torch.Generator  # crops and flips, per process
+    shuffle_rng: torch.Generator  # epoch order, identical on every process
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_labels) // self.cfg.batch_size
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -360,6 +381,55 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return total.item() / len(labels)
 
 
+def _train_epoch(run: _Run, description: str) -> dict[str, float]:
+    """One pass over the shuffled training set (last partial batch dropped); returns loss, accuracy, timings."""
+    from tqdm.auto import tqdm
+
+    accelerator, model, cfg = run.accelerator, run.model, run.cfg
+    device, steps = accelerator.device, run.steps_per_epoch
+    per_process = cfg.batch_size // accelerator.num_processes
+    offset = accelerator.process_index * per_process
+    model.train()
+    _synchronize(device)
+    start = time.perf_counter()
+    warm_step = min(3, steps - 1)  # steps before it carry one-off costs (compilation, autotuning)
+    warm_time = start
+    order = torch.randperm(len(run.train_labels), generator=run.shuffle_rng).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    bar = tqdm(range(steps), desc=description, leave=False, disable=not accelerator.is_local_main_process)
+    for step in bar:
+        if step == warm_step:
+            _synchronize(device)
+            warm_time = time.perf_counter()
+        index = order[step * cfg.batch_size + offset:][:per_process]
+        images = normalize(random_crop_flip(run.train_images[index], run.augment_rng, cfg.padding))
+        labels = run.train_labels[index]
+        logits = model(pixel_values=images).logits
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(-1) == labels).sum()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    seen = steps * cfg.batch_size
+    return {
+        "train_loss": accelerator.reduce(loss_sum, reduction="mean").item() / steps,
+        "train_accuracy": accelerator.reduce(correct, reduction="sum").item() / seen,
+        "train_seconds": seconds,
+        "train_images_per_second": seen / seconds,
+        # per-epoch time without the first steps' one-off costs, for the time budget
+        "steady_train_seconds": (start + seconds - warm_time) * steps / (steps - warm_step),
+    }
+
+
 def train(
     preset: dict[str, Any],
     *,
@@ -375,12 +445,11 @@ def train(
 ) -> TrainResult:
     """Train a preset on CIFAR-10, evaluate on the test split every epoch, save an HF folder to `output_dir`.
 
-    `time_budget_minutes` shortens the run after the first epoch if the preset's epochs would not fit (the
-    cosine part of the schedule is rescaled to the new length; the warm-up is unchanged).
+    `time_budget_minutes` (training loop only, data decoding excluded) shortens the run after the first epoch
+    if the planned epochs would not fit: the cosine part of the schedule is rescaled, the warm-up is unchanged.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     check_preset(preset)
     cfg = TrainingConfig.from_dict(preset["training"], **(overrides or {}))
@@ -401,7 +470,6 @@ def train(
         raise ValueError(
             f"batch_size {cfg.batch_size} exceeds the {len(train_labels)} training images; lower --batch-size."
         )
-    train_images, train_labels = train_images.to(device), train_labels.to(device)
     test_images, test_labels = test_images.to(device), test_labels.to(device)
 
     model = build_model(preset).to(device)
@@ -412,73 +480,41 @@ def train(
     )
     steps_per_epoch = len(train_labels) // cfg.batch_size
     schedule = WarmupCosine(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr_ratio)
-    # The scheduler stays outside accelerator.prepare: it is stepped once per global batch on every process.
+    # The scheduler stays outside accelerator.prepare: it steps once per global batch on every process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    run = _Run(
+        accelerator, model, optimizer, scheduler, cfg, train_images.to(device), train_labels.to(device),
+        augment_rng=torch.Generator(device=device).manual_seed(cfg.seed * 1000 + accelerator.process_index),
+        shuffle_rng=torch.Generator().manual_seed(cfg.seed),
+    )
 
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    shuffle = torch.Generator().manual_seed(cfg.seed)  # the same permutation on every process
-    per_process = cfg.batch_size // world
-    rank = accelerator.process_index
-    epochs = cfg.epochs
-    history: list[dict[str, float]] = []
+    epochs, history = cfg.epochs, []
     run_start = time.perf_counter()
-    epoch = 0
-    while epoch < epochs:
-        model.train()
-        _synchronize(device)
-        epoch_start = time.perf_counter()
-        order = torch.randperm(len(train_labels), generator=shuffle).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=not accelerator.is_local_main_process)
-        for step in bar:
-            index = order[step * cfg.batch_size + rank * per_process:][:per_process]
-            images = normalize(random_crop_flip(train_images[index], generator, cfg.padding))
-            labels = train_labels[index]
-            logits = model(pixel_values=images).logits
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            accelerator.backward(loss)
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            loss_sum += loss.detach()
-            correct += (logits.detach().argmax(-1) == labels).sum()
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        _synchronize(device)
-        train_seconds = time.perf_counter() - epoch_start
-        seen = steps_per_epoch * cfg.batch_size
-        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_per_epoch
-        train_acc = accelerator.reduce(correct, reduction="sum").item() / seen
+    while len(history) < epochs:
+        epoch = len(history) + 1
+        record = {"epoch": epoch, **_train_epoch(run, f"epoch {epoch}/{epochs}")}
         eval_start = time.perf_counter()
-        test_acc = evaluate(model, test_images, test_labels, cfg.eval_batch_size, accelerator)
-        eval_seconds = time.perf_counter() - eval_start
-        record = {
-            "epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "test_accuracy": test_acc,
-            "lr": scheduler.get_last_lr()[0], "epoch_seconds": train_seconds + eval_seconds,
-            "train_images_per_second": seen / train_seconds,
-        }
+        record["test_accuracy"] = evaluate(model, test_images, test_labels, cfg.eval_batch_size, accelerator)
+        record["eval_seconds"] = time.perf_counter() - eval_start
+        record["lr"] = scheduler.get_last_lr()[0]
         history.append(record)
-        log(f"epoch {epoch + 1:3d}/{epochs}  loss {train_loss:.4f}  train {100 * train_acc:5.2f}%  "
-            f"test {100 * test_acc:5.2f}%  {seen / train_seconds:8.0f} img/s  "
-            f"{train_seconds:6.1f} s train + {eval_seconds:4.1f} s eval")
-        epoch += 1
+        log(f"epoch {epoch:3d}/{epochs}  loss {record['train_loss']:.4f}  "
+            f"train {100 * record['train_accuracy']:5.2f}%  test {100 * record['test_accuracy']:5.2f}%  "
+            f"{record['train_images_per_second']:8.0f} img/s  "
+            f"{record['train_seconds']:6.1f} s train + {record['eval_seconds']:4.1f} s eval")
         if epoch == 1 and time_budget_minutes is not None:
-            epochs = _fit_epochs(epochs, time.perf_counter() - run_start, train_seconds + eval_seconds,
-                                 time_budget_minutes * 60)
+            epochs = _fit_epochs(epochs, time.perf_counter() - run_start,
+                                 record["steady_train_seconds"] + record["eval_seconds"], time_budget_minutes * 60)
             if epochs < cfg.epochs:
                 schedule.total_steps = epochs * steps_per_epoch
                 log(f"time budget {time_budget_minutes} min: training {epochs} epochs instead of {cfg.epochs}")
-    total_minutes = (time.perf_counter() - run_start) / 60
-    log(f"done: {epochs} epochs in {total_minutes:.1f} min, CIFAR-10 test top-1 {100 * history[-1]['test_accuracy']:.2f}%")
+    log(f"done: {epochs} epochs in {(time.perf_counter() - run_start) / 60:.1f} min, "
+        f"CIFAR-10 test top-1 {100 * history[-1]['test_accuracy']:.2f}%")
 
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drop the autocast wrapper on forward
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     result = TrainResult(model=model, history=history, test_accuracy=history[-1]["test_accuracy"], output_dir=None)
     if output_dir is not None and accelerator.is_main_process:
@@ -487,13 +523,15 @@ def train(
             "arch_title": ARCH_TITLES[preset["arch"]],
             "gflops": f"{gflops:.4f}",
             "top1": f"{100 * result.test_accuracy:.2f} %",
+            "test_images": f"{len(test_labels):,}",
             "epochs": str(epochs),
-            "hyperparameters": _hyperparameter_summary(cfg, epochs),
+            "hyperparameters": _hyperparameter_summary(cfg),
             "command": command or "(library call)",
             "device": _device_name(device, world),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         }
-        result.output_dir = save_cifar10_folder(model.float().cpu(), output_dir, card_fields=card)
+        # A copy: saving casts to fp16, and the returned model stays the trained fp32 one.
+        result.output_dir = save_cifar10_folder(copy.deepcopy(model).float().cpu(), output_dir, card_fields=card)
         log_payload = {"preset": preset, "training": dataclasses.asdict(cfg), "epochs_run": epochs,
                        "params": params, "gflops": gflops, "history": history, "command": command}
         (result.output_dir / "train_log.json").write_text(json.dumps(log_payload, indent=2))
@@ -508,7 +546,7 @@ def _fit_epochs(planned: int, elapsed_s: float, epoch_s: float, budget_s: float)
     return max(1, min(planned, affordable))
 
 
-def _hyperparameter_summary(cfg: TrainingConfig, epochs: int) -> str:
+def _hyperparameter_summary(cfg: TrainingConfig) -> str:
     return (
         f"batch {cfg.batch_size}, AdamW lr {cfg.lr:g} (betas {cfg.betas[0]:g}/{cfg.betas[1]:g}), weight decay "
         f"{cfg.weight_decay:g}, warm-up {cfg.warmup_epochs:g} epochs, cosine to {cfg.min_lr_ratio:g}x, label smoothing "
@@ -539,7 +577,8 @@ def save_cifar10_folder(model: nn.Module, output_dir: Union[str, Path], card_fie
         fields = {**card_fields, "usage_note": (
             "Token reduction is off in this folder's config; switch it on without reloading the weights, e.g. "
             '`model.set_storm(method="storm_tome", flops_ratio=0.3)`.')}
-        save_model_folder(model, output_dir, safe_dtype=torch.float16, card_fields=fields, card_template="cifar10")
+        save_model_folder(model, output_dir, safe_dtype=torch.float16, card_fields=fields, card_template="cifar10",
+                          image_processor=cifar10_image_processor())
     else:
         output_dir.mkdir(parents=True, exist_ok=True)
         model = model.to(torch.float16)
@@ -552,6 +591,5 @@ def save_cifar10_folder(model: nn.Module, output_dir: Union[str, Path], card_fie
             **card_fields,
         }
         (output_dir / "README.md").write_text(model_card_template("cifar10").format(**fields))
-    # Replaces the family's ImageNet preprocessing that save_model_folder writes.
-    cifar10_image_processor().save_pretrained(output_dir)
+        cifar10_image_processor().save_pretrained(output_dir)
     return output_dir
