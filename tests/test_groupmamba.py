@@ -324,6 +324,94 @@ def test_analytic_flops_equal_hooked_count(storm, monkeypatch, schedule):
 
 
 # --------------------------------------------------------------------------------------------------
+# small-image stem (patch_size=2: the 7x7 conv has stride 1)
+# --------------------------------------------------------------------------------------------------
+
+
+def _small_stem(sd: dict) -> GroupMambaForImageClassification:
+    """Official-layout weights in a patch_size=2 model (the stem's weights have the same shapes)."""
+    config = convert_groupmamba.infer_config(sd)
+    assert config.patch_size == 4  # the converter keeps the official stem
+    config = GroupMambaConfig(**{**config.to_dict(), "patch_size": 2})
+    model = GroupMambaForImageClassification(config).eval()
+    model.load_state_dict(convert_groupmamba.convert_state_dict(sd, config), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (19, 13)], ids=["cifar-32", "odd-19x13"])
+def test_patch_size_2_logits_match_reference_with_a_stride_1_stem_conv(hw):
+    sd = ref.random_official_state_dict(**TINY, seed=5)
+    model = _small_stem(sd)
+    x = _image(2, 3, *hw)
+    expected = ref.groupmamba_reference(sd, x, stem_stride=1)
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+    assert _rel(out.logits, expected["logits"]) <= 1e-4
+    for ours, theirs in zip(out.hidden_states[1:], expected["stages"]):
+        assert ours.shape == theirs.shape
+        assert _rel(ours, theirs) <= 1e-4
+    # the official stride would give a different network: the reference is sensitive to the stem stride
+    assert _rel(out.logits, ref.groupmamba_reference(sd, x)["logits"]) > 1e-3
+
+
+def test_patch_size_2_grids_are_ceil_half_the_image_and_follow_the_convs(tiny_sd):
+    model = _small_stem(tiny_sd)
+    # conv7x7 s1 p3 keeps 37x29; the stride-2 projection (3x3 p1) gives ceil(37/2) x ceil(29/2) = 19x15,
+    # then each stride-2 downsampling halves with ceiling: 10x8, 5x4, 3x2.
+    assert natural_grids(model.config, (37, 29)) == {(0, 0): (19, 15), (1, 0): (10, 8), (1, 1): (10, 8),
+                                                     (2, 0): (5, 4), (3, 0): (3, 2)}
+    assert natural_grids(model.config, (32, 32))[(0, 0)] == (16, 16)
+    stem = model.groupmamba.embeddings
+    assert stem.conv[0].stride == (1, 1) and stem.proj.stride == (2, 2)
+    for hw in [(32, 32), (37, 29), (2, 3), (5, 2)]:
+        with torch.no_grad():
+            hidden = model(_image(1, 3, *hw), output_hidden_states=True).hidden_states
+        grids = natural_grids(model.config, hw)
+        firsts = [grids[(s, 0)] for s in range(model.config.num_stages)]
+        assert [tuple(h.shape[2:]) for h in hidden] == [firsts[0]] + firsts
+        assert firsts[0] == (-(-hw[0] // 2), -(-hw[1] // 2))
+
+
+def test_patch_size_2_changes_the_too_small_limit(tiny_sd):
+    model = _small_stem(tiny_sd)
+    with torch.no_grad():
+        model(_image(1, 3, 2, 2))  # one token per 2x2 pixels: allowed here, rejected by the official stem
+    with pytest.raises(ValueError, match="too small.*2x2 pixels.*at least 2"):
+        model(_image(1, 3, 1, 8))
+    with pytest.raises(ValueError, match="too small.*4x4 pixels.*at least 4"):
+        _converted(tiny_sd)(_image(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("value", [1, 3, 8, True, "2"])
+def test_config_rejects_unsupported_patch_sizes(value):
+    with pytest.raises(ValueError, match="patch_size must be 4 .* or 2"):
+        GroupMambaConfig(embed_dims=[16, 32], depths=[1, 1], mlp_ratios=[2, 2], patch_size=value)
+
+
+def test_patch_size_defaults_to_the_official_stem_and_survives_save(tmp_path):
+    assert GroupMambaConfig().patch_size == 4
+    assert GroupMambaConfig().stem_stride == 2
+    config = GroupMambaConfig(embed_dims=[16, 32], depths=[1, 1], mlp_ratios=[2, 2], patch_size=2)
+    config.save_pretrained(tmp_path)
+    assert GroupMambaConfig.from_pretrained(tmp_path).patch_size == 2
+
+
+# 37x29 at patch_size=2 -> stem 19x15 reduced to 12x10; stage 1 (6x5) reduced to 5x3; then 3x2, 2x1.
+SMALL_STEM_SCHEDULE = [{"stage": 0, "block": 0, "size": [12, 10]}, {"stage": 1, "block": 1, "size": [5, 3]}]
+
+
+@pytest.mark.parametrize("schedule", [None, SMALL_STEM_SCHEDULE], ids=["full", "reduced"])
+def test_patch_size_2_analytic_flops_equal_hooked_count(tiny_sd, monkeypatch, schedule):
+    model = _small_stem(tiny_sd)
+    if schedule:
+        model.set_storm(method="storm_tome", schedule=schedule)
+    analytic = model.count_flops((37, 29))
+    assert analytic.total == _hooked_flops(model, _image(1, 3, 37, 29), monkeypatch)
+    # the stem's first three convs now run at 37x29 instead of 19x15
+    assert analytic.total > _converted(tiny_sd).count_flops((37, 29)).total
+
+
+# --------------------------------------------------------------------------------------------------
 # converter
 # --------------------------------------------------------------------------------------------------
 

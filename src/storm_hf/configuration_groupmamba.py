@@ -14,7 +14,10 @@ NUM_GROUPS = 4  # one channel group per scan direction; fixed by the architectur
 class GroupMambaConfig(PreTrainedConfig):
     """Hyperparameters of a GroupMamba classifier.
 
-    Defaults are GroupMamba-T. Every width must split into four equal channel groups (one per scan
+    Defaults are GroupMamba-T. `patch_size` is the stem's total stride: 4 (every released model) gives the
+    official stem, whose 7x7 conv and final 3x3 projection both have stride 2; 2 gives the 7x7 conv stride 1,
+    for small inputs (a 16x16 first grid at 32x32, e.g. CIFAR). No official checkpoint uses 2, and the
+    weights have the same shapes either way. Every width must split into four equal channel groups (one per scan
     direction). `dt_rank="auto"` means ceil(C / 4 / 16), computed from the group width as in the official
     SS2D. The official code uses three LayerNorm epsilons: `layer_norm_eps` (1e-6: block `norm2`, stage
     norms, class-token block, final norm), `mixer_norm_eps` (1e-5: the group layer's shared norm and SS2D
@@ -28,6 +31,7 @@ class GroupMambaConfig(PreTrainedConfig):
     def __init__(
         self,
         num_channels: int = 3,
+        patch_size: int = 4,
         stem_hidden_dim: int = 32,
         embed_dims: Sequence[int] = (64, 128, 348, 448),
         depths: Sequence[int] = (3, 4, 9, 3),
@@ -49,6 +53,11 @@ class GroupMambaConfig(PreTrainedConfig):
         storm: Optional[dict[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
+        if isinstance(patch_size, bool) or patch_size not in (2, 4):
+            raise ValueError(
+                f"patch_size must be 4 (the official stem: stride-2 7x7 conv and stride-2 projection) or 2 (7x7 conv "
+                f"stride 1, for small images such as CIFAR's 32x32), got {patch_size!r}."
+            )
         embed_dims = [int(c) for c in embed_dims]
         depths = [int(d) for d in depths]
         mlp_ratios = [float(r) for r in mlp_ratios]
@@ -74,6 +83,7 @@ class GroupMambaConfig(PreTrainedConfig):
         if int(d_conv) < 1 or int(d_conv) % 2 == 0:
             raise ValueError(f"d_conv must be a positive odd kernel size (same-size padding), got {d_conv}.")
         self.num_channels = int(num_channels)
+        self.patch_size = int(patch_size)
         self.stem_hidden_dim = int(stem_hidden_dim)
         self.embed_dims = embed_dims
         self.depths = depths
@@ -106,6 +116,11 @@ class GroupMambaConfig(PreTrainedConfig):
     @property
     def num_stages(self) -> int:
         return len(self.depths)
+
+    @property
+    def stem_stride(self) -> int:
+        """Stride of the stem's first (7x7) conv; the stem's final projection always has stride 2."""
+        return self.patch_size // 2
 
     @property
     def hidden_size(self) -> int:

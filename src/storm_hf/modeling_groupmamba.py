@@ -88,14 +88,17 @@ class DropPath(nn.Module):
 
 
 class GroupMambaStem(nn.Module):
-    """conv7x7 s2 + BN + ReLU, 2x (conv3x3 + BN + ReLU), conv3x3 s2 + LayerNorm: image -> (B, H/4, W/4, C)."""
+    """conv7x7 s2 + BN + ReLU, 2x (conv3x3 + BN + ReLU), conv3x3 s2 + LayerNorm: image -> (B, H/4, W/4, C).
+
+    With `config.patch_size=2` (not an official model) the 7x7 conv has stride 1: (B, ceil(H/2), ceil(W/2), C).
+    """
 
     def __init__(self, config: GroupMambaConfig) -> None:
         super().__init__()
         hidden, eps = config.stem_hidden_dim, config.batch_norm_eps
         # Slot indices 0..8 match the official `patch_embed1.conv` Sequential.
         self.conv = nn.Sequential(
-            nn.Conv2d(config.num_channels, hidden, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.Conv2d(config.num_channels, hidden, kernel_size=7, stride=config.stem_stride, padding=3, bias=False),
             nn.BatchNorm2d(hidden, eps=eps),
             nn.ReLU(),
             nn.Conv2d(hidden, hidden, kernel_size=3, stride=1, padding=1, bias=False),
@@ -294,9 +297,6 @@ class GroupMambaClassTokenPooler(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-MIN_IMAGE_SIDE = 4  # the stem makes one token per 4x4 pixels
-
-
 def _pair(image_size: Union[int, Grid, list]) -> Grid:
     if isinstance(image_size, int):
         return image_size, image_size
@@ -304,17 +304,19 @@ def _pair(image_size: Union[int, Grid, list]) -> Grid:
     return int(height), int(width)
 
 
-def _check_image_size(height: int, width: int) -> None:
-    if height < MIN_IMAGE_SIDE or width < MIN_IMAGE_SIDE:
+def _check_image_size(height: int, width: int, patch_size: int) -> None:
+    """The stem makes one token per patch_size x patch_size pixels; a thinner image gives a grid of padding."""
+    if height < patch_size or width < patch_size:
         raise ValueError(
-            f"Input image {height}x{width} is too small: GroupMamba's stem makes one token per 4x4 pixels, so both "
-            f"sides must be at least {MIN_IMAGE_SIDE} pixels. Resize the image (the released models expect 224x224)."
+            f"Input image {height}x{width} is too small: GroupMamba's stem makes one token per {patch_size}x"
+            f"{patch_size} pixels, so both sides must be at least {patch_size} pixels. Resize the image (the "
+            "released models expect 224x224)."
         )
 
 
-def _stem_grids(image_size: Grid) -> tuple[Grid, Grid]:
-    """(grid after the stride-2 7x7 conv, grid after the stem's stride-2 projection)."""
-    h1, w1 = (conv_out_size(s, 7, 2, 3) for s in image_size)
+def _stem_grids(config: GroupMambaConfig, image_size: Grid) -> tuple[Grid, Grid]:
+    """(grid after the 7x7 conv (stride `config.stem_stride`), grid after the stem's stride-2 projection)."""
+    h1, w1 = (conv_out_size(s, 7, config.stem_stride, 3) for s in image_size)
     return (h1, w1), (conv_out_size(h1, 3, 2, 1), conv_out_size(w1, 3, 2, 1))
 
 
@@ -334,7 +336,7 @@ def walk_grids(config: GroupMambaConfig, image_size: Union[int, Grid], schedule:
     Validates the image size and every schedule entry (position exists, target inside the grid).
     """
     height, width = _pair(image_size)
-    _check_image_size(height, width)
+    _check_image_size(height, width, config.patch_size)
     schedule = {tuple(pos): tuple(int(v) for v in hw) for pos, hw in (schedule or {}).items()}
     positions = {(s, b) for s, depth in enumerate(config.depths) for b in range(depth)}
     unknown = sorted(set(schedule) - positions)
@@ -343,7 +345,7 @@ def walk_grids(config: GroupMambaConfig, image_size: Union[int, Grid], schedule:
             f"The reduction schedule names block(s) {unknown} that this GroupMamba does not have; "
             f"valid (stage, block) positions have stage < {config.num_stages} and block < depths {config.depths}."
         )
-    _, grid = _stem_grids((height, width))
+    _, grid = _stem_grids(config, (height, width))
     for stage, depth in enumerate(config.depths):
         if stage > 0:
             grid = (conv_out_size(grid[0], 3, 2, 1), conv_out_size(grid[1], 3, 2, 1))
@@ -407,7 +409,7 @@ def groupmamba_flops(
     """
     height, width = _pair(image_size)
     hidden = config.stem_hidden_dim
-    (h1, w1), (h, w) = _stem_grids((height, width))
+    (h1, w1), (h, w) = _stem_grids(config, (height, width))
     c0 = config.embed_dims[0]
     parts = {
         "stem": conv2d_flops(config.num_channels, hidden, 7, (h1, w1))
@@ -538,7 +540,7 @@ class GroupMambaPreTrainedModel(StormMixin, PreTrainedModel):
                 f"pixel_values has {pixel_values.shape[1]} channels but the model expects "
                 f"{self.config.num_channels} (config.num_channels); pass channels-first images (B, C, H, W)."
             )
-        _check_image_size(pixel_values.shape[2], pixel_values.shape[3])
+        _check_image_size(pixel_values.shape[2], pixel_values.shape[3], self.config.patch_size)
 
 
 class GroupMambaModel(GroupMambaPreTrainedModel):

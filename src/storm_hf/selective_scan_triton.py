@@ -37,6 +37,11 @@ except ImportError as exc:  # pragma: no cover - exercised on machines without t
 __all__ = ["selective_scan_triton", "launch_config", "MAX_D_STATE"]
 
 MAX_D_STATE = 16
+_LOG2E = 1.4426950408889634
+# Approximate division (rcp + mul) on the GPU; Triton's CPU interpreter has no libdevice.
+_FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+if _FAST_MATH:
+    from triton.language.extra import libdevice
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,13 +66,24 @@ def _adjoint_combine(a_late, p_late, o_late, x_late, a_early, p_early, o_early, 
 
 
 @triton.jit
+def _div(a, b):
+    # Callers divide by values in [1, 3]: the approximate divide (2 ulp) is exact enough, and
+    # avoids the range checks of IEEE division.
+    if _FAST_MATH:
+        q = libdevice.fast_dividef(a, b)
+    else:
+        q = a / b
+    return q
+
+
+@triton.jit
 def _softplus_parts(v):
     # softplus(v) = max(v, 0) + log1p(t), t = exp(-|v|) in (0, 1]; log1p(t) = 2 atanh(t / (2 + t))
-    # by its odd series (|s| <= 1/3, 7 terms: < 2e-8 relative). Fast (one exp, one divide) and
+    # by its odd series (|s| <= 1/3, 7 terms: < 2e-8 relative). Fast (one exp2, one divide) and
     # accurate for tiny Δ, where log(1 + exp(v)) in fp32 would lose every digit. Equals PyTorch's
     # thresholded softplus in fp32: above 20 the log1p term is below half an ulp of v.
-    t = tl.exp(-tl.abs(v))
-    s = t / (2.0 + t)
+    t = tl.exp2(tl.abs(v) * -1.4426950408889634)
+    s = _div(t, 2.0 + t)
     s2 = s * s
     poly = s2 * (1.0 / 13.0) + (1.0 / 11.0)
     poly = poly * s2 + (1.0 / 9.0)
@@ -88,17 +104,35 @@ def _softplus(v):
 def _softplus_and_grad(v):
     # softplus(v) and its derivative sigmoid(v), sharing the exp.
     sp, t = _softplus_parts(v)
-    return sp, tl.where(v >= 0.0, 1.0, t) / (1.0 + t)
+    return sp, _div(tl.where(v >= 0.0, 1.0, t), 1.0 + t)
 
 
 @triton.jit
 def _sigmoid(v):
-    return 1.0 / (1.0 + tl.exp(-v))
+    # 1 / (1 + exp(-v)) from t = exp(-|v|) in (0, 1], so the divisor stays in [1, 2].
+    t = tl.exp2(tl.abs(v) * -1.4426950408889634)
+    return _div(tl.where(v >= 0.0, 1.0, t), 1.0 + t)
 
 
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_fwd_chunk(u_base, dt_base, B_base, C_base, z_base, l_idx, d_mask, n_mask, length,
+                    HAS_Z: tl.constexpr):
+    # Raw (input-dtype) tiles of one chunk; steps past the end read as 0.
+    l_mask = l_idx < length
+    u = tl.load(u_base + l_idx, mask=d_mask & l_mask, other=0.0)
+    dt = tl.load(dt_base + l_idx, mask=d_mask & l_mask, other=0.0)
+    Bt = tl.load(B_base + l_idx, mask=n_mask & l_mask, other=0.0)
+    Ct = tl.load(C_base + l_idx, mask=n_mask & l_mask, other=0.0)
+    if HAS_Z:
+        zz = tl.load(z_base + l_idx, mask=d_mask & l_mask, other=0.0)
+    else:
+        zz = u
+    return u, dt, Bt, Ct, zz
 
 
 @triton.jit
@@ -108,7 +142,7 @@ def _scan_fwd_kernel(
     s_u_b, s_u_c, s_dt_b, s_dt_c, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n,
     s_z_b, s_z_c, s_o_b, s_o_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_STATES: tl.constexpr,
+    STORE_STATES: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
@@ -136,41 +170,37 @@ def _scan_fwd_kernel(
     u_base = u_ptr + b * s_u_b + chan * s_u_c
     dt_base = dt_ptr + b * s_dt_b + chan * s_dt_c
     o_base = out_ptr + b * s_o_b + chan * s_o_c
-    if HAS_Z:
-        z_base = z_ptr + b * s_z_b + chan * s_z_c
+    z_base = z_ptr + b * s_z_b + chan * s_z_c  # z_ptr is u_ptr when there is no gate
     B_base = B_ptr + b * s_B_b + g * s_B_g + n_idx * s_B_n
     C_base = C_ptr + b * s_C_b + g * s_C_g + n_idx * s_C_n
     st_base = state_ptr + ((b * n_channels + chan) * n_state + n_idx) * n_chunks
 
-    # Loads for chunk k+1 are issued before chunk k is computed (a hand-made software pipeline:
-    # Triton does not pipeline loads that feed no dot), so memory latency overlaps the scan.
-    l_mask = l_loc < length
-    u_nxt = tl.load(u_base + l_loc, mask=d_mask & l_mask, other=0.0)
-    dt_nxt = tl.load(dt_base + l_loc, mask=d_mask & l_mask, other=0.0)
-    B_nxt = tl.load(B_base + l_loc, mask=n_mask & l_mask, other=0.0)
-    C_nxt = tl.load(C_base + l_loc, mask=n_mask & l_mask, other=0.0)
-    if HAS_Z:
-        z_nxt = tl.load(z_base + l_loc, mask=d_mask & l_mask, other=0.0)
+    # Loads run PREFETCH (1 or 2) chunks ahead of the compute: a hand-made software pipeline
+    # (Triton pipelines only loads that feed a dot), so memory latency overlaps the scan.
+    u_n, dt_n, B_n, C_n, z_n = _load_fwd_chunk(
+        u_base, dt_base, B_base, C_base, z_base, l_loc, d_mask, n_mask, length, HAS_Z)
+    if PREFETCH == 2:
+        u_n2, dt_n2, B_n2, C_n2, z_n2 = _load_fwd_chunk(
+            u_base, dt_base, B_base, C_base, z_base, l_loc + BLOCK_L, d_mask, n_mask, length, HAS_Z)
 
     h = tl.zeros((BLOCK_D, N_PAD, 1), dtype=tl.float32)
     for k in range(0, n_chunks):
         l_idx = k * BLOCK_L + l_loc
         dl_mask = d_mask & (l_idx < length)
-        u = u_nxt.to(tl.float32)
-        dt = dt_nxt.to(tl.float32)
-        Bt = B_nxt.to(tl.float32)
-        Ct = C_nxt.to(tl.float32)
-        if HAS_Z:
-            zz = z_nxt.to(tl.float32)
-
-        l_pre = l_idx + BLOCK_L
-        pre_mask = l_pre < length
-        u_nxt = tl.load(u_base + l_pre, mask=d_mask & pre_mask, other=0.0)
-        dt_nxt = tl.load(dt_base + l_pre, mask=d_mask & pre_mask, other=0.0)
-        B_nxt = tl.load(B_base + l_pre, mask=n_mask & pre_mask, other=0.0)
-        C_nxt = tl.load(C_base + l_pre, mask=n_mask & pre_mask, other=0.0)
-        if HAS_Z:
-            z_nxt = tl.load(z_base + l_pre, mask=d_mask & pre_mask, other=0.0)
+        u = u_n.to(tl.float32)
+        dt = dt_n.to(tl.float32)
+        Bt = B_n.to(tl.float32)
+        Ct = C_n.to(tl.float32)
+        zz = z_n.to(tl.float32)
+        if PREFETCH == 2:
+            u_n, dt_n, B_n, C_n, z_n = u_n2, dt_n2, B_n2, C_n2, z_n2
+            u_n2, dt_n2, B_n2, C_n2, z_n2 = _load_fwd_chunk(
+                u_base, dt_base, B_base, C_base, z_base, l_idx + 2 * BLOCK_L, d_mask, n_mask, length,
+                HAS_Z)
+        else:
+            u_n, dt_n, B_n, C_n, z_n = _load_fwd_chunk(
+                u_base, dt_base, B_base, C_base, z_base, l_idx + BLOCK_L, d_mask, n_mask, length,
+                HAS_Z)
 
         if HAS_BIAS:
             dt = dt + bias
@@ -325,8 +355,8 @@ def _scan_bwd_kernel(
 
         dB_t = tl.sum(gh * dtu, axis=0, keep_dims=True)
         dC_t = tl.sum(hs * dy, axis=0, keep_dims=True)
-        tl.atomic_add(dB_ptr + dBC_base + l_idx, dB_t, mask=nl_mask)
-        tl.atomic_add(dC_ptr + dBC_base + l_idx, dC_t, mask=nl_mask)
+        tl.atomic_add(dB_ptr + dBC_base + l_idx, dB_t, mask=nl_mask, sem="relaxed")
+        tl.atomic_add(dC_ptr + dBC_base + l_idx, dC_t, mask=nl_mask, sem="relaxed")
 
         gB = tl.sum(gh * Bt, axis=1, keep_dims=True)
         du = dt * gB
@@ -396,6 +426,7 @@ def launch_config(n_state: int, length: int, per_group: int, elem_size: int = 2)
         "BWD_BLOCK_D": bwd_d,
         "FWD_WARPS": warps(fwd_d),
         "BWD_WARPS": warps(bwd_d),
+        "PREFETCH": 1,
     }
 
 
@@ -468,7 +499,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_dtype, sto
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), STORE_STATES=bool(store_states),
+        SOFTPLUS=bool(delta_softplus), STORE_STATES=bool(store_states), PREFETCH=cfg["PREFETCH"],
         BLOCK_D=cfg["FWD_BLOCK_D"], N_PAD=cfg["N_PAD"], BLOCK_L=cfg["BLOCK_L"],
         num_warps=cfg["FWD_WARPS"],
     )

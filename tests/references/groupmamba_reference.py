@@ -4,6 +4,7 @@ Written from Amshaker/GroupMamba `classification/models/{groupmamba,ss2d,csms6s}
 key names are the official module paths (`patch_embed1.conv.0.weight`, `block3.2.attn.mamba_g2.A_logs`, ...),
 token maps are (B, N, C) as in the official code, scan orders are explicit index lists, and the
 recurrence is the per-element loop of `scan_reference.scan_loop`. Nothing here imports storm_hf.
+`stem_stride=1` (not an official model) runs the stem's 7x7 conv at stride 1, the small-image variant.
 
 Official semantics reproduced (eval mode):
 - Stem: conv7x7 s2 p3 (no bias) -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> ReLU
@@ -164,9 +165,10 @@ def block_mamba(x, sd, prefix, height, width):
 
 
 # ----------------------------------------------------------------------------- whole network
-def _stem(image, sd):
+def _stem(image, sd, stem_stride=2):
+    """`stem_stride`: stride of the 7x7 conv (2 officially; 1 for a stem of total stride 2)."""
     x = image
-    for conv_idx, stride, pad in ((0, 2, 3), (3, 1, 1), (6, 1, 1)):
+    for conv_idx, stride, pad in ((0, stem_stride, 3), (3, 1, 1), (6, 1, 1)):
         x = _conv(x, sd[f"patch_embed1.conv.{conv_idx}.weight"], stride=stride, padding=pad)
         x = torch.relu(_batch_norm_eval(x, sd, f"patch_embed1.conv.{conv_idx + 1}"))
     return x
@@ -189,9 +191,13 @@ def depth_of(sd, stage: int) -> int:
     return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith(prefix))
 
 
-def groupmamba_reference(sd: dict, pixel_values: torch.Tensor) -> dict:
-    """Official eval forward. Returns {'logits', 'stages' (list of (B, C, H, W)), 'pooled'} in float64."""
-    x = _stem(pixel_values.double(), sd)
+def groupmamba_reference(sd: dict, pixel_values: torch.Tensor, stem_stride: int = 2) -> dict:
+    """Official eval forward. Returns {'logits', 'stages' (list of (B, C, H, W)), 'pooled'} in float64.
+
+    `stem_stride` is the stride of the stem's 7x7 conv: 2 is the official network; 1 is the only change
+    a small-image variant makes (same weights, one token per 2x2 pixels).
+    """
+    x = _stem(pixel_values.double(), sd, stem_stride)
     batch = x.shape[0]
     stages_out = []
     n_stages = num_stages(sd)
