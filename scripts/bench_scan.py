@@ -111,10 +111,10 @@ def newest_kernel_info(jit_fn):
 
 # (BLOCK_L, BLOCK_D, num_warps) candidates tried by --sweep, for the forward and the backward.
 SWEEP_TILES = {
-    1: [(8, 32, 1), (8, 32, 2), (8, 64, 2), (8, 128, 4), (16, 16, 1), (16, 32, 2), (16, 32, 4),
-        (16, 64, 4), (16, 64, 8), (32, 16, 2), (32, 32, 4), (32, 32, 8)],
-    16: [(8, 2, 2), (8, 4, 2), (8, 4, 4), (8, 8, 4), (16, 2, 2), (16, 2, 4), (16, 4, 4), (16, 8, 4),
-         (16, 8, 8), (32, 4, 4)],
+    1: [(16, 16, 1), (16, 32, 2), (16, 32, 4), (16, 64, 4), (32, 16, 2), (32, 32, 4), (32, 32, 8),
+        (32, 64, 8), (64, 16, 4), (64, 32, 8), (64, 64, 8), (128, 16, 8)],
+    16: [(8, 2, 2), (8, 4, 2), (8, 4, 4), (16, 2, 1), (16, 2, 2), (16, 4, 2), (16, 4, 4), (16, 8, 4),
+         (32, 2, 2), (32, 4, 4)],
 }
 
 
@@ -131,8 +131,9 @@ def sweep(name, x, bw, do_bench, sst, deadline):
     for block_l, block_d, warps in SWEEP_TILES[base["N_PAD"]]:
         if time.monotonic() > deadline:
             break
-        cfg = dict(base, BLOCK_L=block_l, FWD_BLOCK_D=block_d, BWD_BLOCK_D=block_d,
-                   FWD_WARPS=warps, BWD_WARPS=warps)
+        cfg = dict(base, INFER_BLOCK_L=block_l, INFER_BLOCK_D=block_d, INFER_WARPS=warps,
+                   BLOCK_L=block_l, FWD_BLOCK_D=block_d, FWD_WARPS=warps,
+                   BWD_BLOCK_D=block_d, BWD_WARPS=warps)
         row = {"shape": name, "BLOCK_L": block_l, "BLOCK_D": block_d, "warps": warps}
         try:
             ms_f = do_bench(lambda: sst._forward(*args, True, x["u"].dtype, False, cfg),

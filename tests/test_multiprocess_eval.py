@@ -2,10 +2,16 @@
 
 13 samples with a per-process batch of 4 make Accelerate pad the last global batch of 8 with duplicated
 samples; `gather_for_metrics` must drop them, so counts and accuracies match the single-process run.
+
+`accelerate.debug_launcher` forks. Forking a process whose OpenMP pool already ran torch ops (any earlier
+test in the same pytest session) can deadlock the children, so the launcher runs in a fresh interpreter.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,11 +60,22 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-def test_two_processes_match_one(tmp_path):
-    from accelerate import debug_launcher
+LAUNCH = (
+    "import sys\n"
+    "from accelerate import debug_launcher\n"
+    "from tests.test_multiprocess_eval import _worker\n"
+    "debug_launcher(_worker, args=(sys.argv[1], sys.argv[2]), num_processes=2)\n"
+)
 
+
+def test_two_processes_match_one(tmp_path):
     data = make_parquet(tmp_path / "test.parquet", random_images(N_SAMPLES, seed=7), [i % 10 for i in range(N_SAMPLES)])
-    debug_launcher(_worker, args=(str(data), str(tmp_path)), num_processes=2)
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", LAUNCH, str(data), str(tmp_path)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0]["num_processes"] == 2
 

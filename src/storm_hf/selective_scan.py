@@ -372,10 +372,13 @@ def scan_backend(name: Optional[str]) -> Iterator[None]:
         _state.backend = previous
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, d_state: int = 1) -> str:
+def resolve_backend(
+    backend: Optional[str], device: torch.device, d_state: int = 1, dtype: Optional[torch.dtype] = None
+) -> str:
     """The backend a call on ``device`` would use: argument > scan_backend() > env var > automatic.
 
-    The automatic choice is Triton for CUDA tensors when the kernel imports and supports ``d_state``.
+    The automatic choice is Triton for CUDA tensors when the kernel imports and supports ``d_state``;
+    float64 stays on the chunked path, which keeps its precision (the kernel computes in fp32).
     """
     if backend is not None:
         return _check_backend_name(backend, "the `backend` argument")
@@ -385,7 +388,7 @@ def resolve_backend(backend: Optional[str], device: torch.device, d_state: int =
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env:
         return _check_backend_name(env, f"environment variable {ENV_VAR}")
-    if torch.device(device).type == "cuda" and _load_triton() is not None:
+    if torch.device(device).type == "cuda" and dtype != torch.float64 and _load_triton() is not None:
         if _triton_max_state is None or d_state <= _triton_max_state:
             return "triton"
     return "chunked"
@@ -413,7 +416,7 @@ def selective_scan(
     if not isinstance(u, torch.Tensor):
         raise TypeError(f"selective_scan: `u` must be a torch.Tensor, got {type(u).__name__}.")
     d_state = A.shape[-1] if isinstance(A, torch.Tensor) and A.dim() == 2 else 1
-    name = resolve_backend(backend, u.device, d_state)
+    name = resolve_backend(backend, u.device, d_state, u.dtype)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if name == "reference":
         return selective_scan_reference(*args, out_dtype=out_dtype)

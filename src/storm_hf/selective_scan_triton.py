@@ -25,9 +25,10 @@ import os
 
 import torch
 
-try:
+try:  # every triton import stays inside this try: transformers' remote-code checker then treats triton as optional
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError as exc:  # pragma: no cover - exercised on machines without triton
     raise ImportError(
         "storm_hf.selective_scan_triton needs Triton (pip install 'storm-hf[gpu]'); "
@@ -37,11 +38,8 @@ except ImportError as exc:  # pragma: no cover - exercised on machines without t
 __all__ = ["selective_scan_triton", "launch_config", "MAX_D_STATE"]
 
 MAX_D_STATE = 16
-_LOG2E = 1.4426950408889634
 # Approximate division (rcp + mul) on the GPU; Triton's CPU interpreter has no libdevice.
 _FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
-if _FAST_MATH:
-    from triton.language.extra import libdevice
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +140,7 @@ def _scan_fwd_kernel(
     s_u_b, s_u_c, s_dt_b, s_dt_c, s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n,
     s_z_b, s_z_c, s_o_b, s_o_c,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_STATES: tl.constexpr, PREFETCH: tl.constexpr,
+    STORE_STATES: tl.constexpr,
     BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
@@ -175,13 +173,10 @@ def _scan_fwd_kernel(
     C_base = C_ptr + b * s_C_b + g * s_C_g + n_idx * s_C_n
     st_base = state_ptr + ((b * n_channels + chan) * n_state + n_idx) * n_chunks
 
-    # Loads run PREFETCH (1 or 2) chunks ahead of the compute: a hand-made software pipeline
+    # Loads for chunk k+1 are issued before chunk k is computed: a hand-made software pipeline
     # (Triton pipelines only loads that feed a dot), so memory latency overlaps the scan.
     u_n, dt_n, B_n, C_n, z_n = _load_fwd_chunk(
         u_base, dt_base, B_base, C_base, z_base, l_loc, d_mask, n_mask, length, HAS_Z)
-    if PREFETCH == 2:
-        u_n2, dt_n2, B_n2, C_n2, z_n2 = _load_fwd_chunk(
-            u_base, dt_base, B_base, C_base, z_base, l_loc + BLOCK_L, d_mask, n_mask, length, HAS_Z)
 
     h = tl.zeros((BLOCK_D, N_PAD, 1), dtype=tl.float32)
     for k in range(0, n_chunks):
@@ -192,15 +187,8 @@ def _scan_fwd_kernel(
         Bt = B_n.to(tl.float32)
         Ct = C_n.to(tl.float32)
         zz = z_n.to(tl.float32)
-        if PREFETCH == 2:
-            u_n, dt_n, B_n, C_n, z_n = u_n2, dt_n2, B_n2, C_n2, z_n2
-            u_n2, dt_n2, B_n2, C_n2, z_n2 = _load_fwd_chunk(
-                u_base, dt_base, B_base, C_base, z_base, l_idx + 2 * BLOCK_L, d_mask, n_mask, length,
-                HAS_Z)
-        else:
-            u_n, dt_n, B_n, C_n, z_n = _load_fwd_chunk(
-                u_base, dt_base, B_base, C_base, z_base, l_idx + BLOCK_L, d_mask, n_mask, length,
-                HAS_Z)
+        u_n, dt_n, B_n, C_n, z_n = _load_fwd_chunk(
+            u_base, dt_base, B_base, C_base, z_base, l_idx + BLOCK_L, d_mask, n_mask, length, HAS_Z)
 
         if HAS_BIAS:
             dt = dt + bias
@@ -390,43 +378,43 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-# Tile shapes (BLOCK_L, BLOCK_D, num_warps) per state size, measured on an H100 (scripts/bench_scan.py
-# --sweep). Forward and backward share BLOCK_L: the backward restarts from per-chunk states.
-_TILES = {
-    # n_pad: (BLOCK_L, forward BLOCK_D, backward BLOCK_D)
-    1: (16, 32, 32),
-    2: (16, 16, 16),
-    4: (16, 8, 8),
-    8: (16, 4, 4),
-    16: (16, 4, 4),
-}
-
-
 def launch_config(n_state: int, length: int, per_group: int, elem_size: int = 2) -> dict:
-    """Tile sizes and warps for one call (see `_TILES`).
+    """Tile shapes (BLOCK_L steps x BLOCK_D channels, warps) for one call.
 
-    A thread loads 16 bytes of consecutive time steps at once, so with BLOCK_L of one or two such
-    vectors the scans run mostly inside threads; warps are sized so that every thread owns about
-    one vector of the tile.
+    Picked from sweeps on an H100 with bf16 activations (scripts/bench_scan.py --sweep, numbers
+    in BENCHMARKS.md). Inference and training use different chunk lengths: long chunks (64 steps =
+    128-byte row segments) make the forward's loads most efficient, while the backward, whose
+    per-chunk work is heavier, is fastest with 16-step chunks, and a training forward must store
+    its states at the backward's chunk boundaries. Rows that start on 16-byte boundaries allow
+    vector loads, which changes the best shapes.
     """
     n_pad = _next_pow2(n_state)
-    block_l, fwd_d, bwd_d = _TILES[n_pad]
-    block_l = max(8, min(block_l, _next_pow2(length)))
-    per_thread = max(1, 16 // elem_size) if n_pad == 1 else 8
+    aligned = (length * elem_size) % 16 == 0
+    if n_pad == 1:
+        if aligned:
+            infer, train, bwd = (64, 32, 8), (16, 16, 1), (16, 16, 1)
+        else:
+            infer = (32, 32, 4) if length >= 128 else (16, 16, 1)
+            train = bwd = (16, 32, 4)
+    elif n_pad <= 8:
+        infer = train = bwd = (16, 32 // n_pad, 2)
+    else:
+        infer, train, bwd = (8, 4, 2), (8, 4, 2), (8, 2, 2)
 
-    def warps(block_d: int) -> int:
-        return max(1, min(8, block_d * n_pad * block_l // (per_thread * 32)))
+    def fit(tile):
+        block_l, block_d, warps = tile
+        block_l = max(8, min(block_l, _next_pow2(length)))
+        fitted_d = min(block_d, _next_pow2(per_group))
+        return block_l, fitted_d, max(1, warps * fitted_d // block_d)
 
-    fwd_d = min(fwd_d, _next_pow2(per_group))
-    bwd_d = min(bwd_d, _next_pow2(per_group))
+    infer_l, infer_d, infer_w = fit(infer)
+    train_l, train_d, train_w = fit(train)
+    _, bwd_d, bwd_w = fit(bwd)
     return {
         "N_PAD": n_pad,
-        "BLOCK_L": block_l,
-        "FWD_BLOCK_D": fwd_d,
-        "BWD_BLOCK_D": bwd_d,
-        "FWD_WARPS": warps(fwd_d),
-        "BWD_WARPS": warps(bwd_d),
-        "PREFETCH": 1,
+        "INFER_BLOCK_L": infer_l, "INFER_BLOCK_D": infer_d, "INFER_WARPS": infer_w,
+        "BLOCK_L": train_l, "FWD_BLOCK_D": train_d, "FWD_WARPS": train_w,
+        "BWD_BLOCK_D": bwd_d, "BWD_WARPS": bwd_w,
     }
 
 
@@ -482,7 +470,12 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_dtype, sto
     batch, channels, length = u.shape
     groups, n_state = B.shape[1], B.shape[2]
     per_group = channels // groups
-    n_chunks = triton.cdiv(length, cfg["BLOCK_L"])
+    # A training forward stores states at the backward's chunk boundaries, so it uses its tiles.
+    if store_states:
+        block_l, block_d, warps = cfg["BLOCK_L"], cfg["FWD_BLOCK_D"], cfg["FWD_WARPS"]
+    else:
+        block_l, block_d, warps = cfg["INFER_BLOCK_L"], cfg["INFER_BLOCK_D"], cfg["INFER_WARPS"]
+    n_chunks = triton.cdiv(length, block_l)
     out = torch.empty((batch, channels, length), device=u.device, dtype=out_dtype)
     if store_states:
         states = torch.empty((batch, channels, n_state, n_chunks), device=u.device, dtype=torch.float32)
@@ -490,7 +483,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_dtype, sto
         states = out  # never touched
     dummy = u
     zz = z if z is not None else dummy
-    grid = (batch * groups, triton.cdiv(per_group, cfg["FWD_BLOCK_D"]))
+    grid = (batch * groups, triton.cdiv(per_group, block_d))
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else dummy, zz,
         delta_bias if delta_bias is not None else dummy, out, states,
@@ -499,9 +492,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, out_dtype, sto
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         zz.stride(0), zz.stride(1), out.stride(0), out.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), STORE_STATES=bool(store_states), PREFETCH=cfg["PREFETCH"],
-        BLOCK_D=cfg["FWD_BLOCK_D"], N_PAD=cfg["N_PAD"], BLOCK_L=cfg["BLOCK_L"],
-        num_warps=cfg["FWD_WARPS"],
+        SOFTPLUS=bool(delta_softplus), STORE_STATES=bool(store_states),
+        BLOCK_D=block_d, N_PAD=cfg["N_PAD"], BLOCK_L=block_l, num_warps=warps,
     )
     return out, (states if store_states else None)
 
