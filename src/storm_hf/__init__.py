@@ -30,7 +30,4 @@ def _register(arch: str, prefix: str) -> None:
 
 
 for _arch, _prefix in _ARCHS.items():
-    try:  # DEV-ONLY tolerance while backbones land; made strict before release
-        _register(_arch, _prefix)
-    except Exception:  # noqa: BLE001
-        pass
+    _register(_arch, _prefix)

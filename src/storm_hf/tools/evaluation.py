@@ -86,7 +86,10 @@ def load_model(source: str) -> Any:
             spec = arch_of_model_type(model_type)
         except ValueError as err:
             raise ValueError(f"{source} holds a {model_type!r} model, not a storm-hf backbone: {err}") from err
-        return spec.classifier_cls.from_pretrained(source).eval()
+        # Checkpoints may be stored in fp16 to stay small; compute in fp32 and leave mixed precision to Accelerate.
+        import torch
+
+        return spec.classifier_cls.from_pretrained(source, dtype=torch.float32).eval()
     return build_model(source).eval()
 
 

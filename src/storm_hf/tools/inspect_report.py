@@ -49,12 +49,12 @@ def inspect_text(model: Any, image_size: Optional[tuple[int, int]] = None, storm
     schedule = model.storm_schedule(image_size)
     reduced = model.count_flops(image_size)
     saved = 1.0 - reduced.total / base.total
-    overhead = reduced.parts.get("reduction", 0)
+    overhead = model.storm_overhead_flops(image_size)
     lines += [
         "",
         f"reduction: {cfg.to_dict()}",
-        f"GFLOPs: {base.total / 1e9:.3f} -> {reduced.total / 1e9:.3f} ({-100 * saved:+.1f} %), "
-        f"of which the reduction itself: {overhead / 1e9:.4f} G",
+        f"GFLOPs: {base.total / 1e9:.3f} -> {reduced.total / 1e9:.3f} ({-100 * saved:+.1f} %); "
+        f"the reduction's own planning adds {overhead / 1e9:.4f} G ({100 * overhead / base.total:.2f} %)",
         "schedule (grid after the block's mixer):",
         *[f"  stage {s} block {b}: -> {h}x{w}" for (s, b), (h, w) in sorted(schedule.items())],
         "",
