@@ -208,7 +208,9 @@ class PlainMambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
 
         # The four scans run as one call with 4 channel groups: group k scans path k.
-        u = x[:, :, order].transpose(1, 2).reshape(bsz, 4 * inner, length)  # only u follows the path
+        # only u follows the path; index_select (not advanced indexing) keeps the backward a cheap index_add
+        u = x.index_select(2, order.reshape(-1)).view(bsz, inner, 4, length).transpose(1, 2)
+        u = u.reshape(bsz, 4 * inner, length)
         delta = dt.repeat(1, 4, 1)  # Δ, B, C stay in raster order (released-code quirk)
         dir_b = self.direction_Bs[direction].transpose(1, 2).to(b_raster.dtype)  # (4, N, L) by step
         B = b_raster.transpose(1, 2).unsqueeze(1) + dir_b.unsqueeze(0)  # (B, 4, N, L)
