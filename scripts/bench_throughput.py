@@ -76,8 +76,8 @@ def main() -> int:
     device = "cuda"
     gpu = torch.cuda.get_device_name()
     rows = []
-    header = (f"| preset | method | target r | GFLOPs | achieved r | img/s | speedup | ideal 1/(1-r) | "
-              f"speedup/ideal | peak GiB |")
+    header = ("| preset | method | target r | GFLOPs | achieved r | img/s | speedup | ideal 1/(1-r) | "
+              "speedup/ideal | peak GiB |")
     print(f"# throughput on {gpu}, batch {args.batch}, {args.dtype}, {args.size}x{args.size}, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
     print(header)

@@ -11,14 +11,6 @@ from storm_hf.tools.cli import main
 from .references import vmamba_reference as ref
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_convert_writes_a_folder_that_reproduces_the_reference(tmp_path, capsys):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 

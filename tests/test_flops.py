@@ -19,14 +19,6 @@ from storm_hf.configuration_vmamba import VMambaConfig
 from storm_hf.modeling_vmamba import VMambaForImageClassification, vmamba_flops
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _mode_flops(fn, *args) -> int:
     with FlopCounterMode(display=False) as counter:
         fn(*args)

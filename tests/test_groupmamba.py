@@ -25,19 +25,11 @@ from storm_hf.reduction import METHODS
 from storm_hf.tools import convert_groupmamba
 from storm_hf.tools.checkpoints import CheckpointError
 from tests.references import groupmamba_reference as ref
+from tests.helpers import seeded_image as _image, rel_error as _rel
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dims=(16, 24, 32, 40), depths=(1, 2, 1, 1), mlp_ratios=(2, 2, 3, 2), stem_hidden_dim=8,
             num_classes=10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine run far faster without intra-op threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _converted(sd: dict) -> GroupMambaForImageClassification:
@@ -45,14 +37,6 @@ def _converted(sd: dict) -> GroupMambaForImageClassification:
     model = GroupMambaForImageClassification(config).eval()
     model.load_state_dict(convert_groupmamba.convert_state_dict(sd, config), strict=True)
     return model
-
-
-def _image(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module")

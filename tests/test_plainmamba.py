@@ -25,6 +25,7 @@ from storm_hf.tools import convert_plainmamba
 from storm_hf.tools.checkpoints import CheckpointError
 from storm_hf.tools.convert import convert_state_dict_to_model
 from tests.references import plainmamba_reference as ref
+from tests.helpers import seeded_image as _image, rel_error as _rel
 
 REPO = Path(__file__).resolve().parents[1]
 # L1-like: one extra stem conv and the layer-0 depthwise block; L2/L3-like: two stem convs, no block.
@@ -33,28 +34,11 @@ TINY_L2 = dict(embed_dims=16, num_layers=2, num_convs=2, dwconv_layers=(), d_sta
 POS_GRID = (2, 2)  # the stored position embedding belongs to 32x32 images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine run far faster without intra-op threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _converted(sd: dict) -> PlainMambaForImageClassification:
     config = convert_plainmamba.infer_config(sd)
     model = PlainMambaForImageClassification(config).eval()
     model.load_state_dict(convert_plainmamba.convert_state_dict(sd, config), strict=True)
     return model
-
-
-def _image(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def test_interrupted_sweep_resumes_without_losing_or_recomputing(tmp_path, setup
     partial = read_rows(path)
     assert sum(r["status"] == "ok" for r in partial) == k
     assert stable(partial) == stable(full[: len(partial)])
-    (tmp_path / f".r.jsonl.tmp-99999").write_text('{"half a row')  # debris of a write killed mid-way
+    (tmp_path / ".r.jsonl.tmp-99999").write_text('{"half a row')  # debris of a write killed mid-way
     resumed = Counting()
     rows = run_sweep(model, dataset, METHODS, RATIOS, path, setup={"model": "tiny"}, batch_size=4,
                      evaluate_fn=resumed, progress=False, log=lambda s: None)

@@ -19,6 +19,7 @@ from storm_hf.configuration_vim import VimConfig
 from storm_hf.modeling_vim import VimForImageClassification, vim_flops
 from storm_hf.tools.convert_vim import VimConversionError, convert_state_dict, infer_config, looks_like
 from tests.references.vim_reference import random_official_state_dict, vim_reference
+from tests.helpers import rel_error as _rel
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vim"
 
@@ -45,10 +46,6 @@ def _converted(sd, size, stride, **config_kwargs):
     model = VimForImageClassification(config).eval()
     model.load_state_dict(convert_state_dict(sd, config), strict=True)
     return model
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 # ---------------------------------------------------------------------------------------------- parity

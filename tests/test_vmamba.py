@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,21 +13,13 @@ import torch.nn.functional as F
 
 from storm_hf import modeling_vmamba
 from storm_hf.configuration_vmamba import VMambaConfig
-from storm_hf.modeling_vmamba import VMambaForImageClassification, VMambaModel, VMambaSS2D, natural_grids
+from storm_hf.modeling_vmamba import VMambaForImageClassification, natural_grids
 from storm_hf.tools import convert_vmamba
 from tests.references import vmamba_reference as ref
+from tests.helpers import seeded_image as _image, rel_error as _rel
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), num_classes=10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core machine run far faster without intra-op threads."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _converted(sd: dict) -> VMambaForImageClassification:
@@ -36,14 +27,6 @@ def _converted(sd: dict) -> VMambaForImageClassification:
     model = VMambaForImageClassification(config).eval()
     model.load_state_dict(convert_vmamba.convert_state_dict(sd, config), strict=True)
     return model
-
-
-def _image(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
