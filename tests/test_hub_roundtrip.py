@@ -34,6 +34,7 @@ LOADER = textwrap.dedent(
     except ImportError:
         pass
     source, inputs_path, out_path, storm = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    torch.set_num_threads(int(sys.argv[5]))  # same CPU summation order as the saving process
     kwargs = {"storm": json.loads(storm)} if storm != "-" else {}
     model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True, **kwargs).eval()
     assert "storm_hf" not in type(model).__module__, type(model).__module__
@@ -59,7 +60,8 @@ def _run_loader(tmp_path: Path, source: str, pixel_values: torch.Tensor, env: di
     full_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     full_env.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), **env})
     result = subprocess.run(
-        [sys.executable, str(script), source, str(inputs), str(out), json.dumps(storm) if storm else "-"],
+        [sys.executable, str(script), source, str(inputs), str(out), json.dumps(storm) if storm else "-",
+         str(torch.get_num_threads())],
         cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
