@@ -213,6 +213,15 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from .cards import add_results_to_card
+
+    path = add_results_to_card(args.model, args.results, dataset_type=args.dataset_type,
+                               dataset_name=args.dataset_name, split=args.split, source=args.source)
+    print(f"Updated {path} (model-index + results table)")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storm-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +241,15 @@ def make_parser() -> argparse.ArgumentParser:
                    help="reduction: key=value (e.g. method=storm_tome, flops_ratio=0.3), a JSON file, or a "
                         "configs/storm preset name; repeatable")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("card", help="write sweep results into a model folder's card (model-index + table)")
+    p.add_argument("model", help="model folder holding README.md")
+    p.add_argument("--results", required=True, help="results.json written by `storm-hf sweep`")
+    p.add_argument("--dataset-type", default="cifar10")
+    p.add_argument("--dataset-name", default="CIFAR-10")
+    p.add_argument("--split", default="test")
+    p.add_argument("--source", default="", help="where the numbers come from (shown on the Hub)")
+    p.set_defaults(func=cmd_card)
 
     storm_help = ("reduction: key=value (e.g. method=storm_tome, flops_ratio=0.3), a JSON file, or a "
                   "configs/storm preset name; repeatable")
