@@ -26,7 +26,7 @@ def test_results_become_model_index_and_a_table(tmp_path):
     assert values[("none@0.0", "accuracy")] == 84.22 and values[("storm_tome@0.2", "top_5_accuracy")] == 98.07
     assert "model-index" in (folder / "README.md").read_text()
     assert "| storm_tome | 0.2 | 0.0600 | 19.8 % | 76.64 | 98.07 | 10000 |" in card.text
-    assert card.text.startswith("\n# tiny") or "# tiny" in card.text
+    assert "# tiny\n\nIntro." in card.text  # the existing card body is kept above the results
 
 
 def test_rerunning_replaces_instead_of_appending(tmp_path):

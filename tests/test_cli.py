@@ -65,3 +65,16 @@ def test_inspect_rejects_bad_requests(capsys):
     assert "Unknown model preset" in capsys.readouterr().err
     assert main(["inspect", "vmamba_tiny_s1l8", "--storm", "flops_ratio=1.5", "--storm", "method=storm_tome"]) == 2
     assert "flops_ratio" in capsys.readouterr().err
+
+
+def test_inspect_reads_a_saved_folder(tmp_path, capsys):
+    from storm_hf.configuration_vmamba import VMambaConfig
+    from storm_hf.modeling_vmamba import VMambaForImageClassification
+    from storm_hf.tools.hub import save_model_folder
+
+    model = VMambaForImageClassification(VMambaConfig(dims=[8, 16, 32, 64], depths=[1, 1, 2, 1], image_size=32))
+    save_model_folder(model, tmp_path / "m", safe_dtype=torch.float16)
+    assert next(model.parameters()).dtype == torch.float32  # saving in fp16 leaves the caller's model alone
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    text = capsys.readouterr().out
+    assert "input: 32 x 32" in text and "stage 3: 1x1 (1 blocks)" in text

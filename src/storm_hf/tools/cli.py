@@ -38,11 +38,11 @@ def build_model(source: str, *, meta: bool = False) -> Any:
     import torch
 
     if Path(source).is_dir():
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(source, trust_remote_code=True)
-        spec = arch_of_model_type(config.model_type)
-        config = spec.config_cls(**{k: v for k, v in config.to_dict().items() if k not in ("model_type",)})
+        config_file = Path(source) / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{source} is not a saved model folder (no config.json).")
+        spec = arch_of_model_type(json.loads(config_file.read_text()).get("model_type", ""))
+        config = spec.config_cls.from_pretrained(source)
     else:
         arch, kwargs = find_model_preset(source)
         spec = get_arch(arch)

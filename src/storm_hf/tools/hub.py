@@ -48,8 +48,10 @@ def save_model_folder(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if safe_dtype is not None:
-        model = model.to(safe_dtype)
+    if safe_dtype is not None:  # cast a copy: the caller's model keeps its dtype
+        import copy
+
+        model = copy.deepcopy(model).to(safe_dtype)
     model.save_pretrained(output_dir)
     (image_processor or image_processor_for(model)).save_pretrained(output_dir)
     if card_fields is not None:
