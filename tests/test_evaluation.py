@@ -149,7 +149,7 @@ def test_evaluate_model_rejects_bad_setups(tmp_path, tiny_data):
     cache = str(tmp_path / "c")
     dataset = load_image_dataset(str(tiny_data), "test", image_processor=processor_for(model), cache_dir=cache)
     with pytest.raises(ValueError, match="Cannot cut FLOPs"):
-        evaluate_model(model.set_storm(method="storm_tome", flops_ratio=0.3), dataset, 4, progress=False)
+        evaluate_model(model.set_storm(method="storm_tome", flops_ratio=0.9), dataset, 4, progress=False)
     model.set_storm(method="none", flops_ratio=None)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         evaluate_model(model, dataset, 0, progress=False)

@@ -247,9 +247,22 @@ def test_flops_ratio_is_solved_at_odd_blocks_of_the_first_three_stages():
     with torch.device("meta"):
         model = GroupMambaForImageClassification(config)
     full = model.count_flops((224, 224)).total
-    model.set_storm(method="storm_tome", flops_ratio=0.3)
+    model.set_storm(method="storm_tome", flops_ratio=0.3, placement="legacy")  # STORM's own odd-block rule
     schedule = model.storm_schedule((224, 224))
     assert schedule and all(s < 3 and b % 2 == 1 for s, b in schedule)
+    assert abs(1 - model.count_flops((224, 224)).total / full - 0.3) <= 0.01
+
+
+def test_default_placement_leaves_even_grids_before_every_downsampling():
+    config = GroupMambaConfig(**json.loads((REPO / "configs/groupmamba/groupmamba_tiny.json").read_text()))
+    with torch.device("meta"):
+        model = GroupMambaForImageClassification(config)
+    full = model.count_flops((224, 224)).total
+    model.set_storm(method="storm_tome", flops_ratio=0.3)
+    schedule = model.storm_schedule((224, 224))
+    last_stage = len(config.depths) - 1
+    exits = {s: max(b for t, b in schedule if t == s) for s, _ in schedule if s < last_stage}
+    assert all(h % 2 == 0 and w % 2 == 0 for (s, b), (h, w) in schedule.items() if s < last_stage and b == exits[s])
     assert abs(1 - model.count_flops((224, 224)).total / full - 0.3) <= 0.01
 
 

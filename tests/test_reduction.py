@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from tests.references import reduction_reference as ref
 from storm_hf.reduction import (
+    EVEN_WEIGHTS,
     StormConfig,
     StormMixin,
     reduce_tokens,
@@ -77,6 +78,7 @@ def test_config_round_trips_through_json():
         ({"schedule": [{"stage": 0, "block": 1, "size": [0, 3]}]}, "below 1x1"),
         ({"schedule": [{"stage": -1, "block": 1, "size": [3, 3]}]}, "non-negative"),
         ({"positions": [[0]]}, "positions must be"),
+        ({"placement": "odd"}, "Unknown placement"),
     ],
 )
 def test_config_rejects_bad_values(value, message):
@@ -499,6 +501,78 @@ def test_solver_uses_given_positions_and_the_single_stage_default():
     schedule = plain.storm_schedule((224, 224))
     assert set(schedule) <= {(0, b) for b in range(1, 11, 2)}
     assert abs(_cut(plain, (224, 224), schedule) - 0.3) <= 0.01
+
+
+def _stage_ends(model, size):
+    """(stage, last block) of every stage followed by a downsampling, from the model's natural grids."""
+    natural = model._natural_grids(size)
+    stages = sorted({s for s, _ in natural})
+    return {s: max(b for t, b in natural if t == s) for s in stages[:-1]}
+
+
+@pytest.mark.parametrize("method", ["storm_tome", "storm_evit"])
+@pytest.mark.parametrize("depths, ratio", [((2, 2, 8, 2), 0.1), ((2, 2, 8, 2), 0.3), ((2, 4, 2), 0.2),
+                                           ((2, 2, 15, 2), 0.4)])
+def test_even_placement_is_the_hierarchical_default_and_keeps_downsampling_exact(method, depths, ratio):
+    model = TinyHierarchical({"method": method, "flops_ratio": ratio}, depths=depths, dims=(96, 192, 384, 768)[:len(depths)])
+    schedule = model.storm_schedule(224)
+    assert schedule and abs(_cut(model, (224, 224), schedule) - ratio) <= 0.01
+    assert schedule == model.set_storm(placement="even").storm_schedule(224)
+    assert schedule != model.set_storm(placement="legacy").storm_schedule(224)
+    grids = model.storm_grids(224, schedule)
+    ends, last_stage = _stage_ends(model, (224, 224)), len(depths) - 1
+    for (s, b), (h, w) in schedule.items():
+        incoming = grids[(s, b)]
+        if s < last_stage:  # every grid a step leaves in front of a stride-2 downsampling is even
+            assert h % 2 == 0 and w % 2 == 0, ((s, b), (h, w))
+            if b != ends[s]:  # inner (odd) blocks: one unit of 2 at most, never a hard cut
+                assert b % 2 == 1 and incoming[0] - h <= 2 and incoming[1] - w <= 2
+        else:  # the last stage: only its first block, and mildly
+            assert b == 0 and 4 * h >= 3 * incoming[0] and 4 * w >= 3 * incoming[1]
+
+
+def test_even_placement_is_deterministic_and_adapts_to_the_input():
+    first = TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.25}).storm_schedule(224)
+    assert all(TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.25}).storm_schedule(224) == first
+               for _ in range(2))
+    model = TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.25})
+    for size in [(192, 288), (200, 200)]:
+        schedule = model.storm_schedule(size)
+        assert abs(_cut(model, size, schedule) - 0.25) <= 0.01
+        _check_monotone(model, size, schedule)
+
+
+def test_even_placement_prefers_exits_over_inner_and_last_stage_steps():
+    """With a budget one exit step can meet, nothing else is touched (exits weigh least), and the exit
+    step is the mildest one that does it."""
+    assert EVEN_WEIGHTS["exit"] < EVEN_WEIGHTS["inner"] < EVEN_WEIGHTS["last"]
+    model = TinyHierarchical({"method": "storm_tome", "schedule": [{"stage": 0, "block": 1, "size": [50, 50]}]})
+    ratio = _cut(model, (224, 224), {(0, 1): (50, 50)})
+    model.set_storm(schedule=None, flops_ratio=round(ratio, 4))
+    schedule = model.storm_schedule(224)
+    assert len(schedule) <= 2 and (0, 1) in schedule
+    assert all(b == _stage_ends(model, (224, 224))[s] for s, b in schedule)
+
+
+def test_legacy_placement_stays_selectable_and_explicit_positions_default_to_it():
+    legacy = TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.2, "placement": "legacy"})
+    schedule = legacy.storm_schedule(224)
+    assert set(schedule) <= {(0, 1), (1, 1), (2, 1), (2, 3), (2, 5), (2, 7)}  # odd blocks, never the last stage
+    odd = [[s, b] for s, b in sorted(schedule)]
+    with_positions = TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.2, "positions": odd})
+    explicit_legacy = TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.2, "positions": odd,
+                                        "placement": "legacy"})
+    assert with_positions.storm_schedule(224) == explicit_legacy.storm_schedule(224)
+    plain = TinyPlain({"method": "storm_tome", "flops_ratio": 0.3})  # single stage: the legacy default
+    assert plain.storm_schedule(224) == plain.set_storm(placement="legacy").storm_schedule(224)
+
+
+def test_even_placement_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="placement='legacy'"):
+        TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.9}).storm_schedule(224)
+    with pytest.raises(ValueError, match="beyond the model's depth"):
+        TinyHierarchical({"method": "storm_tome", "flops_ratio": 0.2, "placement": "even",
+                          "positions": [[2, 8]]}).storm_schedule(224)
 
 
 def test_solver_rejects_unreachable_budgets_and_bad_positions():

@@ -57,6 +57,9 @@ METHODS = ("none", "storm_tome", "storm_evit", "evit", "tome", "random", "top", 
 SIMILARITIES = ("l1", "cosine", "l2")
 IMPORTANCES = ("abs_mean", "mean", "l2")
 MERGE_MODES = ("sum", "mean", "drop")
+#: how the ``flops_ratio`` solver places reductions (see :class:`StormMixin`); None = "even" on hierarchical
+#: backbones at their default positions, "legacy" otherwise (explicit ``positions``, single-stage backbones).
+PLACEMENTS = ("even", "legacy")
 
 Position = tuple[int, int]
 Grid = tuple[int, int]
@@ -96,6 +99,7 @@ class StormConfig:
     merge_mode: Optional[str] = None
     positions: Optional[list[list[int]]] = None
     seed: int = 0
+    placement: Optional[str] = None
 
     @classmethod
     def from_any(cls, value: "StormConfig | dict | None") -> "StormConfig":
@@ -151,6 +155,8 @@ class StormConfig:
             raise ValueError(f"Unknown importance {self.importance!r}; choose one of {IMPORTANCES} (or None).")
         if self.merge_mode is not None and self.merge_mode not in MERGE_MODES:
             raise ValueError(f"Unknown merge_mode {self.merge_mode!r}; choose one of {MERGE_MODES} (or None).")
+        if self.placement is not None and self.placement not in PLACEMENTS:
+            raise ValueError(f"Unknown placement {self.placement!r}; choose one of {PLACEMENTS} (or None).")
         if self.schedule is not None and self.flops_ratio is not None:
             raise ValueError("Give either an explicit `schedule` or a `flops_ratio`, not both.")
         if self.flops_ratio is not None and not (0.0 <= float(self.flops_ratio) < 1.0):
@@ -687,6 +693,136 @@ def _feasible(method: str, incoming: Grid, target: Grid) -> Grid:
     return h, w
 
 
+#: "even" placement: (least fraction of a side one step keeps, proportional rows/columns only), tried in order.
+EVEN_LEVELS = ((0.75, True), (0.5, False))
+#: "even" placement: harm weight of a step by role (before a downsampling, inside a stage, in the last stage).
+EVEN_WEIGHTS = {"exit": 1.0, "inner": 2.0, "last": 3.0}
+#: "even" placement: search nodes per level before the best schedule found so far is taken (keeps 224-px
+#: backbones with 15-20-block stages fast; the search order is fixed, so the result stays deterministic).
+EVEN_NODE_LIMIT = 20000
+
+
+def resolved_placement(cfg: StormConfig, natural: Mapping[Position, Grid]) -> str:
+    """``cfg.placement``, or the default: "even" for a hierarchical backbone at its default positions, else
+    "legacy" (explicit ``positions`` -- e.g. the investigation's solver rows -- and single-stage backbones,
+    whose default layers are STORM's own, keep the original solver)."""
+    if cfg.placement is not None:
+        return cfg.placement
+    if cfg.positions is not None or len({s for s, _ in natural}) < 2:
+        return "legacy"
+    return "even"
+
+
+def even_roles(natural: Mapping[Position, Grid], positions: Optional[Sequence[Position]] = None) -> dict[Position, str]:
+    """Where the "even" placement may reduce, and each position's role.
+
+    Default positions: per stage but the last, its odd blocks before the last one ("inner") and its last
+    block ("exit": its output feeds the downsampling); in the last stage, which no downsampling follows, only
+    block 0 ("last": a hard cut there is what hurt most, and its first block saves the most per token).
+    Given ``positions``, each keeps the role its place implies.
+    """
+    stages = sorted({s for s, _ in natural})
+    last_block = {s: max(b for t, b in natural if t == s) for s in stages}
+
+    def role(pos: Position) -> str:
+        if pos[0] == stages[-1]:
+            return "last"
+        return "exit" if pos[1] == last_block[pos[0]] else "inner"
+
+    if positions is None:
+        positions = [(s, b) for s in stages[:-1] for b in range(last_block[s] + 1)
+                     if b == last_block[s] or b % 2 == 1]
+        if len(stages) > 1:
+            positions.append((stages[-1], 0))
+    return {tuple(p): role(tuple(p)) for p in sorted(set(map(tuple, positions)))}  # type: ignore[misc]
+
+
+def even_weights(natural: Mapping[Position, Grid], roles: Mapping[Position, str]) -> dict[Position, float]:
+    """Harm weight of a step at each position: its role's ``EVEN_WEIGHTS`` times how many times coarser its
+    stage's natural grid is than the first stage's (per side), since a token there stands for more image."""
+    first = natural[min(natural)]
+    return {p: EVEN_WEIGHTS[r] * max(1.0, math.sqrt((first[0] * first[1]) / (natural[p][0] * natural[p][1])))
+            for p, r in roles.items()}
+
+
+def _side_options(side: int, multiple: int, keep: float) -> list[int]:
+    """Reduced lengths for one side, mildest first: multiples of ``multiple`` keeping >= ``keep`` of it."""
+    lowest = max(1, math.ceil(keep * side - 1e-9))
+    return [v for v in range(side - 1, lowest - 1, -1) if v % multiple == 0]
+
+
+def even_targets(method: str, incoming: Grid, multiple: Grid, role: str, keep: float,
+                 proportional: bool) -> list[Grid]:
+    """Targets one "even" step may take ``incoming`` to, mildest first (see :class:`StormMixin`).
+
+    Each side either stays or becomes a multiple of ``multiple`` keeping at least ``keep`` of it; an inner
+    step moves each side by at most one such unit; ``proportional`` pairs the i-th option of both sides (a
+    square grid stays square). Targets one step of ``method`` cannot reach are left out.
+    """
+    if role == "last":  # no downsampling follows: never a hard cut there
+        keep = max(keep, 0.75)
+    rows, cols = (_side_options(n, k, keep) for n, k in zip(incoming, multiple))
+    if role == "inner":
+        rows, cols = rows[:1], cols[:1]
+    h, w = incoming
+    if proportional:
+        depth = max(len(rows), len(cols))
+        pairs = [(rows[i] if i < len(rows) else (rows[-1] if rows else h),
+                  cols[i] if i < len(cols) else (cols[-1] if cols else w)) for i in range(depth)]
+    else:
+        pairs = [(a, b) for a in [h, *rows] for b in [w, *cols] if (a, b) != (h, w)]
+    return [t for t in dict.fromkeys(pairs) if target_problem(method, incoming, t) is None]
+
+
+def _least_harm_schedule(
+    roles: Mapping[Position, str],
+    weights: Mapping[Position, float],
+    ratio: float,
+    cut: Callable[[Mapping[Position, Grid]], float],
+    grids_for: Callable[[Mapping[Position, Grid]], Mapping[Position, Grid]],
+    targets: Callable[[Position, Grid, str], list[Grid]],
+) -> tuple[Optional[dict[Position, Grid]], Optional[float]]:
+    """Depth-first search over the positions in order (no step first, then mildest targets first).
+
+    Returns the least-harm schedule whose cut lies within ``FLOPS_TOLERANCE`` of ``ratio`` (ties: nearer cut,
+    then the smaller sorted schedule) and the cut of the nearest complete schedule seen. Branches whose cut
+    already exceeds the band are cut off (later steps only add to it), as are those already more harmful
+    than the best found.
+    """
+    order = sorted(roles)
+    best: Optional[tuple[float, float, tuple, dict[Position, Grid]]] = None
+    nearest: Optional[float] = None
+    nodes = 0
+
+    def visit(i: int, schedule: dict[Position, Grid], harm: float) -> None:
+        nonlocal best, nearest, nodes
+        nodes += 1
+        achieved = cut(schedule)
+        if achieved > ratio + FLOPS_TOLERANCE or nodes > EVEN_NODE_LIMIT:
+            if nearest is None or abs(achieved - ratio) < abs(nearest - ratio):
+                nearest = achieved
+            return
+        if best is not None and harm > best[0] + 1e-12:
+            return
+        if i == len(order):
+            if nearest is None or abs(achieved - ratio) < abs(nearest - ratio):
+                nearest = achieved
+            if abs(achieved - ratio) <= FLOPS_TOLERANCE:
+                key = (round(harm, 12), abs(achieved - ratio), tuple(sorted(schedule.items())), schedule)
+                if best is None or key[:3] < best[:3]:
+                    best = key
+            return
+        pos = order[i]
+        visit(i + 1, schedule, harm)
+        incoming = grids_for(schedule)[pos]
+        for target in targets(pos, incoming, roles[pos]):
+            removed = 1.0 - (target[0] * target[1]) / (incoming[0] * incoming[1])
+            visit(i + 1, {**schedule, pos: target}, harm + weights[pos] * removed ** 2)
+
+    visit(0, {}, 0.0)
+    return (None if best is None else dict(best[3])), nearest
+
+
 class StormMixin:
     """Reduction controls shared by every backbone's PreTrainedModel.
 
@@ -704,11 +840,25 @@ class StormMixin:
       ``config.dims[stage]`` / ``config.hidden_sizes[stage]`` / ``config.hidden_size`` / ``config.embed_dim``.
     * ``_storm_window_defaults``: a dict passed to :func:`reduce_tokens` as ``window_defaults``.
 
-    Budget solver (``flops_ratio = r``): for a common factor f = 1, 0.9975, ..., 0.5, every position shrinks
-    its incoming grid to ``round(f * side)`` (clamped to what one step of the method can do); the schedule
-    whose FLOPs cut is closest to r wins (largest f on ties). If it misses r by more than half a point,
-    single positions are nudged by one row/column at a time (greedy, positions in order, best move first)
-    while that brings it closer; more than one point off at the end is an error.
+    Budget solver (``flops_ratio = r``), two placements (``cfg.placement``; None picks "even" for a
+    hierarchical backbone at its default positions, "legacy" for explicit ``positions`` or a single stage):
+
+    * ``"even"`` (downsampling-aware; see :func:`even_roles` and ``docs/storm_cifar10_investigation.md``):
+      reductions go at the last block of every stage but the last ("exit", right before a downsampling),
+      at the odd blocks before it ("inner") and at the last stage's first block ("last"). A step in a stage
+      followed by a stride-k downsampling targets multiples of k (when the natural grid there is one), so
+      the downsampling stays exact; an inner step removes at most one such unit per side; every step keeps at
+      least 3/4 of each side (1/2 if nothing else reaches r). Among the schedules within one point of r, the
+      one with the least "harm" sum(w * removed_token_fraction^2) wins (w = 1 exit, 2 inner, 3 last stage,
+      times how much coarser the stage's grid is than the first stage's, per side: mild steps spread out,
+      spent first where they feed a downsampling and where the grid is finest), then the nearest cut, then the
+      smallest schedule in sorted order -- deterministic. Square (proportional) steps are tried before
+      independent row/column steps, mild caps before hard ones; no schedule within a point is an error.
+    * ``"legacy"`` (the original rule): for a common factor f = 1, 0.9975, ..., 0.5, every position shrinks
+      its incoming grid to ``round(f * side)`` (clamped to what one step of the method can do); the schedule
+      whose FLOPs cut is closest to r wins (largest f on ties). If it misses r by more than half a point,
+      single positions are nudged by one row/column at a time (greedy, positions in order, best move first)
+      while that brings it closer; more than one point off at the end is an error.
     """
 
     def set_storm(self, storm: "StormConfig | dict | None" = None, **overrides: Any):
@@ -861,6 +1011,67 @@ class StormMixin:
         if ratio == 0.0:
             return {}
         natural = self._natural_grids(size)
+        if resolved_placement(cfg, natural) == "even":
+            return self._solve_even(cfg, size, natural, ratio)
+        return self._solve_legacy(cfg, size, natural, ratio)
+
+    def _flops_cut(self, size: Grid) -> Callable[[Mapping[Position, Grid]], float]:
+        """A memoised ``schedule -> fractional FLOPs cut`` for one input size."""
+        base = _total(self._flops(size, {}))
+        seen: dict[tuple, float] = {}
+
+        def cut(schedule: Mapping[Position, Grid]) -> float:
+            key = tuple(sorted(schedule.items()))
+            if key not in seen:
+                seen[key] = 1.0 - _total(self._flops(size, dict(schedule))) / base
+            return seen[key]
+
+        return cut
+
+    def _solve_even(self, cfg: StormConfig, size: Grid, natural: Mapping[Position, Grid],
+                    ratio: float) -> dict[Position, Grid]:
+        """The "even" placement: least-harm schedule within one point of ``ratio`` (see the class docstring)."""
+        if cfg.positions is not None or len({s for s, _ in natural}) < 2:
+            roles = even_roles(natural, self._storm_positions(cfg, natural))
+        else:
+            roles = even_roles(natural)
+        if not roles:
+            raise ValueError("No positions to reduce at: set `positions` in the storm config.")
+        multiples = self._stage_multiples(size, natural)
+        weights = even_weights(natural, roles)
+        cut = self._flops_cut(size)
+        closest: Optional[float] = None
+        for keep, proportional in EVEN_LEVELS:
+            found, nearest = _least_harm_schedule(
+                roles, weights, ratio, cut, lambda sched: self.storm_grids(size, sched),
+                lambda pos, incoming, role: even_targets(cfg.method, incoming, multiples[pos[0]], role, keep,
+                                                         proportional))
+            if found is not None:
+                return found
+            if nearest is not None and (closest is None or abs(nearest - ratio) < abs(closest - ratio)):
+                closest = nearest
+        where = ", ".join(f"{p}:{r}" for p, r in sorted(roles.items()))
+        raise ValueError(
+            f"Cannot cut FLOPs by {ratio:.1%} (within +-{FLOPS_TOLERANCE:.0%}) with {cfg.method} under the 'even' "
+            f"placement ({where}) for a {size[0]}x{size[1]} input; the closest schedule cuts "
+            f"{(closest or 0.0):.1%}. Choose a ratio nearer to that, set `positions`, or use placement='legacy'."
+        )
+
+    def _stage_multiples(self, size: Grid, natural: Mapping[Position, Grid]) -> dict[int, Grid]:
+        """Per stage, what every reduced side must be a multiple of so that the following downsampling stays
+        exact: its stride, where the stage's natural side is itself a multiple of it; 1 otherwise."""
+        stages = sorted({s for s, _ in natural})
+        out: dict[int, Grid] = {s: (1, 1) for s in stages}
+        for s, nxt in zip(stages, stages[1:]):
+            last = natural[(s, max(b for t, b in natural if t == s))]
+            first = natural[(nxt, min(b for t, b in natural if t == nxt))]
+            strides = [max(1, round(o / i)) for o, i in zip(last, first)]
+            out[s] = tuple(k if side % k == 0 else 1 for k, side in zip(strides, last))  # type: ignore[assignment]
+        return out
+
+    def _solve_legacy(self, cfg: StormConfig, size: Grid, natural: Mapping[Position, Grid],
+                      ratio: float) -> dict[Position, Grid]:
+        """The original common-factor solver (``placement="legacy"``), unchanged."""
         positions = self._storm_positions(cfg, natural)
         if not positions:
             raise ValueError("No positions to reduce at: set `positions` in the storm config.")

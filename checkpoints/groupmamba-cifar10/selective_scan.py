@@ -22,6 +22,13 @@ Three implementations:
 :func:`selective_scan` dispatches: an explicit ``backend`` argument wins, then :func:`scan_backend`
 (a context manager), then the ``STORM_HF_SCAN_BACKEND`` environment variable, then the automatic
 choice (Triton for CUDA tensors when it imports, else chunked).
+
+:func:`ordered_selective_scan` runs K scan orders (VMamba's cross-scan, PlainMamba's zig-zag paths)
+over one raster-ordered input and returns their sum in raster order. On Triton the kernel reads
+each direction's order by index and accumulates the merged output itself (no permuted copies); the
+other backends run :func:`ordered_selective_scan_reference` (gather, :func:`selective_scan`,
+scatter-sum). Models take that path only where it resolves to Triton (:func:`ordered_scan_enabled`;
+``STORM_HF_ORDERED_SCAN=0`` turns it off), so CPU results stay those of the materialised code.
 """
 from __future__ import annotations
 
@@ -438,3 +445,231 @@ def selective_scan(
     return fn(
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, out_dtype=out_dtype
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# ordered scan: K scan orders over one raster-ordered input, outputs summed back in raster order
+# --------------------------------------------------------------------------------------------------
+
+ORDERED_ENV_VAR = "STORM_HF_ORDERED_SCAN"
+ORDERED_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+ORDERED_INDEXED = ("u", "delta", "B", "C")
+_ordered_fn = None
+_ordered_error: Optional[BaseException] = None
+_ordered_tried = False
+
+
+def _flag_set(names, allowed: tuple[str, ...], what: str) -> frozenset:
+    """Validate a per-input flag list (``per_direction`` or ``by_step``)."""
+    if isinstance(names, str):
+        names = (names,)
+    names = frozenset(names)
+    unknown = sorted(names - set(allowed))
+    if unknown:
+        raise ValueError(f"ordered_selective_scan: `{what}` names unknown inputs {unknown}; allowed: {allowed}.")
+    return names
+
+
+def _check_order(order: torch.Tensor, length: int, device: torch.device, check_permutation: bool) -> None:
+    """order must be (K, L) integers on the inputs' device, each row a permutation of 0..L-1."""
+    if not isinstance(order, torch.Tensor) or order.dim() != 2 or order.dtype not in (torch.int32, torch.int64):
+        got = tuple(order.shape) if isinstance(order, torch.Tensor) else type(order).__name__
+        raise ValueError(f"ordered_selective_scan: `order` must be a (K, L) int32/int64 tensor, got {got}.")
+    if order.shape[1] != length:
+        raise ValueError(
+            f"ordered_selective_scan: `order` has {order.shape[1]} steps per direction but the sequence has "
+            f"L = {length}."
+        )
+    if order.device != device:
+        raise ValueError(f"ordered_selective_scan: `order` is on {order.device}, the inputs on {device}.")
+    if check_permutation:
+        expected = torch.arange(length, device=order.device, dtype=order.dtype).expand_as(order)
+        if not torch.equal(order.sort(dim=1).values, expected):
+            raise ValueError(
+                "ordered_selective_scan: every row of `order` must be a permutation of 0..L-1 (each raster position "
+                "visited exactly once per direction)."
+            )
+
+
+def _check_ordered_shapes(u, delta, A, B, C, D, delta_bias, n_dirs: int, per_direction: frozenset) -> None:
+    """Every input's shape follows from u's (shared inputs have `channels` rows, per-direction K·channels)."""
+    batch, rows, length = u.shape
+    channels = rows // n_dirs if "u" in per_direction else rows
+
+    def want(name: str) -> int:
+        return channels * (n_dirs if name in per_direction else 1)
+
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"ordered_selective_scan: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+    if tuple(delta.shape) != (batch, want("delta"), length):
+        raise _shape_error("delta", str((batch, want("delta"), length)), delta)
+    if A.dim() != 2 or A.shape[0] != want("A"):
+        raise _shape_error("A", f"({want('A')}, N)", A)
+    n_state = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        k = n_dirs if name in per_direction else 1
+        ok = tuple(t.shape) == (batch, k, n_state, length) or (k == 1 and tuple(t.shape) == (batch, n_state, length))
+        if not ok:
+            raise _shape_error(name, str((batch, k, n_state, length)) + ("" if k > 1 else " or (batch, N, L)"), t)
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (want(name),):
+            raise _shape_error(name, f"({want(name)},)", t)
+
+
+def _per_direction_view(x: torch.Tensor, n_dirs: int, shared: bool, gather: Optional[torch.Tensor]) -> torch.Tensor:
+    """(batch, R, L) with R = X (shared) or K·X → (batch, K, X, L) in each direction's step order."""
+    batch, rows, length = x.shape
+    x = x.unsqueeze(1).expand(batch, n_dirs, rows, length) if shared else x.view(batch, n_dirs, -1, length)
+    if gather is not None:
+        x = x.gather(3, gather.view(1, n_dirs, 1, length).expand(x.shape))
+    return x
+
+
+def ordered_selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    order: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    per_direction=(),
+    by_step=(),
+    delta_softplus: bool = True,
+    backend: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """The ordered scan built from materialised ops: gather each direction's copy, one scan, scatter-sum.
+
+    ``backend`` picks the PyTorch scan that runs the K directions (see :func:`selective_scan`).
+    """
+    per_direction = _flag_set(per_direction, ORDERED_INPUTS, "per_direction")
+    by_step = _flag_set(by_step, ORDERED_INDEXED, "by_step")
+    n_dirs, length = order.shape
+    if B.dim() == 3:
+        B = B.unsqueeze(1)
+    if C.dim() == 3:
+        C = C.unsqueeze(1)
+    idx = order.long()
+
+    def steps(x: torch.Tensor, name: str) -> torch.Tensor:  # (batch, K, X, L) in step order
+        return _per_direction_view(x, n_dirs, name not in per_direction, None if name in by_step else idx)
+
+    def bc(x: torch.Tensor, name: str) -> torch.Tensor:  # (batch, K, N, L)
+        flat = x.flatten(1, 2) if name in per_direction else x[:, 0]
+        return steps(flat, name)
+
+    def param(x: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
+        if x is None or name in per_direction:
+            return x
+        return x.repeat(n_dirs, *([1] * (x.dim() - 1)))
+
+    batch = u.shape[0]
+    us = steps(u, "u")
+    channels = us.shape[2]
+    ys = selective_scan(
+        us.reshape(batch, n_dirs * channels, length),
+        steps(delta, "delta").reshape(batch, n_dirs * channels, length),
+        param(A, "A"),
+        bc(B, "B"),
+        bc(C, "C"),
+        D=param(D, "D"),
+        delta_bias=param(delta_bias, "delta_bias"),
+        delta_softplus=delta_softplus,
+        backend=backend,
+        out_dtype=_compute_dtype(u),
+    ).view(batch, n_dirs, channels, length)
+    y = ys.new_zeros(batch, channels, length)
+    for k in range(n_dirs):
+        y = y.index_add(2, idx[k], ys[:, k])  # step l of direction k lands on raster position order[k, l]
+    return y.to(out_dtype or u.dtype)
+
+
+def _load_ordered_triton():
+    """Import the ordered Triton kernel once; remember why it failed."""
+    global _ordered_fn, _ordered_error, _ordered_tried
+    if not _ordered_tried:
+        _ordered_tried = True
+        try:
+            from .selective_scan_triton import ordered_selective_scan_triton
+
+            _ordered_fn = ordered_selective_scan_triton
+        except Exception as err:  # ImportError, or triton present but broken
+            _ordered_error = err
+    return _ordered_fn
+
+
+def ordered_scan_enabled(device: torch.device, d_state: int, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether a model should use the fused ordered scan: the scan resolves to Triton here and the
+    ``STORM_HF_ORDERED_SCAN`` environment variable is not ``0`` (set it to compare with the materialised path)."""
+    if os.environ.get(ORDERED_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if resolve_backend(None, device, d_state, dtype) != "triton":
+        return False
+    return _load_ordered_triton() is not None
+
+
+def ordered_selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    order: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    per_direction=(),
+    by_step=(),
+    delta_softplus: bool = True,
+    backend: Optional[str] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    check_order: bool = True,
+) -> torch.Tensor:
+    """K selective scans over one raster-ordered input, their outputs summed back in raster order.
+
+    Direction k visits raster position ``order[k, l]`` at step l (``order``: (K, L) int32/int64, every
+    row a permutation). Each input is either shared by the directions or per direction (named in
+    ``per_direction``): u, delta (batch, X, L) with X = channels or K·channels; A (X, N); B, C
+    (batch, N, L) / (batch, 1, N, L) shared or (batch, K, N, L); D, delta_bias (X,). Row k·channels + c
+    of a per-direction input belongs to direction k. u, delta, B, C are read at the raster position
+    ``order[k, l]`` unless named in ``by_step`` (then at l). Returns
+    ``y[b, c, p] = Σ_k y_k[b, c, l]`` over the step l with ``order[k, l] = p``, where ``y_k`` is
+    :func:`selective_scan` of direction k's inputs — ``(batch, channels, L)`` in ``out_dtype``
+    (default ``u.dtype``), accumulated in fp32.
+
+    Backends as :func:`selective_scan`: ``"triton"`` runs the fused kernel (no permuted copies, the
+    merge accumulated inside it); the others run :func:`ordered_selective_scan_reference`.
+    ``check_order=False`` skips the permutation check (a sort: callers with fixed orders skip it).
+    """
+    if not isinstance(u, torch.Tensor) or u.dim() != 3:
+        raise ValueError("ordered_selective_scan: `u` must be a (batch, channels, L) tensor.")
+    per_direction = _flag_set(per_direction, ORDERED_INPUTS, "per_direction")
+    by_step = _flag_set(by_step, ORDERED_INDEXED, "by_step")
+    _check_order(order, u.shape[2], u.device, check_order)
+    n_dirs = order.shape[0]
+    if "u" in per_direction and u.shape[1] % n_dirs:
+        raise ValueError(
+            f"ordered_selective_scan: `u` is per direction, so its {u.shape[1]} rows must be a multiple of "
+            f"K = {n_dirs}."
+        )
+    _check_ordered_shapes(u, delta, A, B, C, D, delta_bias, n_dirs, per_direction)
+    name = resolve_backend(backend, u.device, A.shape[1], u.dtype)
+    args = (u, delta, A, B, C, order, D, delta_bias, per_direction, by_step, delta_softplus)
+    if name != "triton":
+        return ordered_selective_scan_reference(*args, backend=name, out_dtype=out_dtype)
+    fn = _load_ordered_triton()
+    if fn is None:
+        raise RuntimeError(
+            "ordered_selective_scan: backend 'triton' was requested but the Triton kernel could not be imported "
+            f"({type(_ordered_error).__name__}: {_ordered_error}). Install triton and use a CUDA device, or choose "
+            "backend 'chunked'."
+        )
+    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"ordered_selective_scan: backend 'triton' needs CUDA tensors, got tensors on {u.device}; "
+            "move the inputs to a GPU or choose backend 'chunked'."
+        )
+    return fn(u, delta, A, B, C, order, D=D, delta_bias=delta_bias, per_direction=tuple(per_direction),
+              by_step=tuple(by_step), delta_softplus=delta_softplus, out_dtype=out_dtype)

@@ -41,7 +41,7 @@ from .flops import (
     scan_flops,
 )
 from .reduction import StormConfig, StormMixin, reduce_tokens
-from .selective_scan import selective_scan
+from .selective_scan import ordered_scan_enabled, ordered_selective_scan, selective_scan
 
 NUM_DIRECTIONS = 4
 # The v2 stem is two 3x3 convolutions of total stride `patch_size` (4 officially: one token per 4x4 pixels).
@@ -155,6 +155,23 @@ def cross_merge(ys: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return y.permute(0, 2, 3, 1)
 
 
+_ORDER_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def cross_scan_order(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(4, H*W) int64: the raster position each of `cross_scan`'s directions visits at each step (cached)."""
+    key = (height, width, str(device))
+    order = _ORDER_CACHE.get(key)
+    if order is None:
+        raster = torch.arange(height * width)
+        cols = raster.view(height, width).t().reshape(-1)
+        order = torch.stack([raster, cols, raster.flip(0), cols.flip(0)]).to(device)
+        if len(_ORDER_CACHE) > 64:  # many input sizes: keep the cache bounded
+            _ORDER_CACHE.clear()
+        _ORDER_CACHE[key] = order
+    return order
+
+
 class VMambaSS2D(nn.Module):
     """The 2-D selective scan mixer (`op` in the official block), forward type `v05_noz`.
 
@@ -190,14 +207,31 @@ class VMambaSS2D(nn.Module):
     def forward(self, x: torch.Tensor, return_delta: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, H, W, C) normed tokens -> (B, H, W, C), and optionally the Δ map (B, H, W) used by `mtr`."""
         batch, height, width, _ = x.shape
-        k, inner, state, rank = NUM_DIRECTIONS, self.d_inner, self.d_state, self.dt_rank
-        length = height * width
+        inner, state = self.d_inner, self.d_state
 
         u = self.in_proj(x).permute(0, 3, 1, 2).contiguous()
         if self.conv2d is not None:
             u = self.conv2d(u)
         u = self.act(u)
 
+        if ordered_scan_enabled(u.device, state, u.dtype):
+            y, dts = self._ordered_scan(u)
+            y = y.view(batch, inner, height, width).permute(0, 2, 3, 1)
+        else:
+            y, dts = self._materialised_scan(u)
+        y = self.out_norm(y.to(self.out_norm.weight.dtype))
+        out = self.out_proj(y.to(x.dtype))
+
+        delta = None
+        if return_delta:
+            delta = self._delta_map(dts, height, width)
+        return out, delta
+
+    def _materialised_scan(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-scan copies, one scan over K*D channels, cross-merge: (B, H, W, D) fp32 and Δ (B, K, D, L)."""
+        batch, _, height, width = u.shape
+        k, inner, state, rank = NUM_DIRECTIONS, self.d_inner, self.d_state, self.dt_rank
+        length = height * width
         xs = cross_scan(u)  # (B, K, D, L)
         proj = torch.matmul(self.x_proj_weight, xs)  # (B, K, R + 2N, L): one projection per direction
         dts, bs, cs = torch.split(proj, [rank, state, state], dim=2)
@@ -214,14 +248,42 @@ class VMambaSS2D(nn.Module):
             delta_softplus=True,
             out_dtype=torch.float32,
         )
-        y = cross_merge(ys.view(batch, k, inner, length), height, width)
-        y = self.out_norm(y.to(self.out_norm.weight.dtype))
-        out = self.out_proj(y.to(x.dtype))
+        return cross_merge(ys.view(batch, k, inner, length), height, width), dts
 
-        delta = None
-        if return_delta:
-            delta = self._delta_map(dts, height, width)
-        return out, delta
+    def _ordered_scan(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same math without the K copies of u (Triton only): (B, D, L) fp32 raster and Δ (B, K, D, L).
+
+        x_proj is position-wise, so it runs once on the raster u (all K weights stacked); only its small
+        (R + 2N)-row output is permuted into each direction's step order, so that dt_projs writes Δ in
+        step order and the kernel reads Δ, B, C contiguously; u is read through the order inside the
+        kernel, and the 4 outputs are summed there in raster order.
+        """
+        batch, _, height, width = u.shape
+        k, inner, state, rank = NUM_DIRECTIONS, self.d_inner, self.d_state, self.dt_rank
+        length = height * width
+        order = cross_scan_order(height, width, u.device)
+        u = u.reshape(batch, inner, length)
+        proj = torch.matmul(self.x_proj_weight.reshape(k * (rank + 2 * state), inner), u)
+        proj = proj.view(batch, k, rank + 2 * state, length)
+        proj = proj.gather(3, order.view(1, k, 1, length).expand_as(proj))  # raster -> step order
+        dts, bs, cs = torch.split(proj, [rank, state, state], dim=2)
+        dts = torch.matmul(self.dt_projs_weight, dts)  # (B, K, D, L), step order
+        y = ordered_selective_scan(
+            u,
+            dts.reshape(batch, k * inner, length),
+            -torch.exp(self.A_logs.float()),
+            bs,
+            cs,
+            order,
+            D=self.Ds.float(),
+            delta_bias=self.dt_projs_bias.reshape(-1).float(),
+            per_direction=("delta", "A", "B", "C", "D", "delta_bias"),
+            by_step=("delta", "B", "C"),
+            delta_softplus=True,
+            out_dtype=torch.float32,
+            check_order=False,
+        )
+        return y, dts
 
     def _delta_map(self, dts: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """softplus(Δ + bias) averaged over channels, summed over the 4 directions, in raster order (B, H, W)."""

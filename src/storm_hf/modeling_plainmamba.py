@@ -42,7 +42,7 @@ from .flops import (
     scan_flops,
 )
 from .reduction import StormConfig, StormMixin, reduce_tokens
-from .selective_scan import selective_scan
+from .selective_scan import ordered_scan_enabled, ordered_selective_scan, selective_scan
 
 # STORM's PlainMamba schedules (`scheduals.yml`) reduce after these layers, whatever the depth.
 STORM_REDUCTION_LAYERS = (4, 10, 16, 22)
@@ -197,7 +197,7 @@ class PlainMambaMixer(nn.Module):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """hidden (B, H, W, C) -> (output (B, H, W, C), Δ map (B, H, W) if `return_delta`)."""
         bsz, height, width, _ = hidden.shape
-        length, inner, n_state = height * width, self.inner, self.d_state
+        inner, n_state = self.inner, self.d_state
         order, inverse, direction = paths
 
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
@@ -206,14 +206,40 @@ class PlainMambaMixer(nn.Module):
         dt = self.dt_proj(dt_raw).transpose(1, 2)  # (B, E, L): the bias is in here once ...
         dt_bias = self.dt_proj.bias.float()  # ... and goes into the scan again (released-code quirk)
         A = -torch.exp(self.A_log.float())
+        dir_b = self.direction_Bs[direction].transpose(1, 2).to(b_raster.dtype)  # (4, N, L) by step
+        B = b_raster.transpose(1, 2).unsqueeze(1) + dir_b.unsqueeze(0)  # (B, 4, N, L)
 
+        if ordered_scan_enabled(x.device, n_state, x.dtype):
+            # Triton: the kernel reads u along each path and sums the 4 outputs in raster order itself.
+            y = ordered_selective_scan(
+                x, dt, A, B, c_raster.transpose(1, 2), order, D=self.D.float(), delta_bias=dt_bias,
+                per_direction=("B",), by_step=("delta", "B", "C"), delta_softplus=True, check_order=False,
+            )
+        else:
+            y = self._materialised_scan(x, dt, A, B, c_raster, order, inverse)
+        y = y.transpose(1, 2).reshape(bsz, height, width, inner)
+        out = self.out_proj(y * F.silu(z))
+
+        delta_map = None
+        if return_delta:
+            # softplus(Δ) averaged over channels, summed over the 4 paths (they share the raster Δ).
+            step = F.softplus(dt.float() + dt_bias[None, :, None])
+            delta_map = (4.0 * step.mean(dim=1)).reshape(bsz, height, width)
+        return out, delta_map
+
+    def _materialised_scan(
+        self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, c_raster: torch.Tensor,
+        order: torch.Tensor, inverse: torch.Tensor,
+    ) -> torch.Tensor:
+        """The 4 path copies of u, one scan over 4 channel groups, gathered back and summed: (B, E, L)."""
+        bsz, inner, length = x.shape
+        n_state = self.d_state
+        dt_bias = self.dt_proj.bias.float()
         # The four scans run as one call with 4 channel groups: group k scans path k.
         # only u follows the path; index_select (not advanced indexing) keeps the backward a cheap index_add
         u = x.index_select(2, order.reshape(-1)).view(bsz, inner, 4, length).transpose(1, 2)
         u = u.reshape(bsz, 4 * inner, length)
         delta = dt.repeat(1, 4, 1)  # Δ, B, C stay in raster order (released-code quirk)
-        dir_b = self.direction_Bs[direction].transpose(1, 2).to(b_raster.dtype)  # (4, N, L) by step
-        B = b_raster.transpose(1, 2).unsqueeze(1) + dir_b.unsqueeze(0)  # (B, 4, N, L)
         C = c_raster.transpose(1, 2).unsqueeze(1).expand(bsz, 4, n_state, length)
         y = selective_scan(
             u,
@@ -227,15 +253,7 @@ class PlainMambaMixer(nn.Module):
             delta_softplus=True,
         )
         y = y.view(bsz, 4, inner, length).gather(3, inverse.view(1, 4, 1, length).expand(bsz, 4, inner, length))
-        y = y.sum(dim=1).transpose(1, 2).reshape(bsz, height, width, inner)
-        out = self.out_proj(y * F.silu(z))
-
-        delta_map = None
-        if return_delta:
-            # softplus(Δ) averaged over channels, summed over the 4 paths (they share the raster Δ).
-            step = F.softplus(dt.float() + dt_bias[None, :, None])
-            delta_map = (4.0 * step.mean(dim=1)).reshape(bsz, height, width)
-        return out, delta_map
+        return y.sum(dim=1)
 
 
 class PlainMambaLayer(nn.Module):
