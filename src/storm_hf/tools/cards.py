@@ -33,7 +33,9 @@ def add_results_to_card(
     path = Path(folder) / "README.md"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no README.md model card to update.")
-    rows = [r for r in _rows(results) if r.get("status", "ok") == "ok" and r.get("top1") is not None]
+    # rows of reference models (e.g. the ViT + ToMe rows of `sweep --reference-vit`) describe another model
+    rows = [r for r in _rows(results) if r.get("status", "ok") == "ok" and r.get("top1") is not None
+            and not r.get("reference_model")]
     if not rows:
         raise ValueError("The results hold no finished rows (all infeasible or failed).")
     card = ModelCard.load(path)

@@ -185,7 +185,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     base_storm = parse_storm_specs(args.storm)
     if base_storm:  # shared settings (window, positions, similarity...) for every swept point
         model.set_storm(base_storm)
-    dataset = load_image_dataset(data, args.split, image_processor=processor_for(model, source), limit=limit)
+    processor = processor_for(model, source)
+    dataset = load_image_dataset(data, args.split, image_processor=processor, limit=limit)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     out_dir = Path(args.output_dir)
     setup = {
@@ -193,9 +194,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "data": data, "split": args.split, "limit": limit, "mixed_precision": args.mixed_precision,
         "storm": base_storm,
     }
+    references = None
+    if args.reference_vit:  # ToMe on a transformers ViT: extra rows/series in the same results
+        from .vit_tome import TOME_METHOD, load_vit, tome_reference
+
+        vit = load_vit(args.reference_vit)
+        vit_processor = processor_for(vit, args.reference_vit)
+        vit_dataset = dataset if vit_processor.to_dict() == processor.to_dict() else load_image_dataset(
+            data, args.split, image_processor=vit_processor, limit=limit)
+        setup["reference_vit"] = str(Path(args.reference_vit).resolve())
+        references = {TOME_METHOD: tome_reference(vit, vit_dataset, args.batch_size, accelerator,
+                                                  tolerance=args.reference_tolerance, source=setup["reference_vit"],
+                                                  progress=not args.no_progress)}
     rows = run_sweep(model, dataset, args.methods, args.ratios, out_dir / "results.jsonl", setup=setup,
                      batch_size=args.batch_size, accelerator=accelerator, include_baseline=not args.no_baseline,
-                     progress=not args.no_progress)
+                     references=references, progress=not args.no_progress)
     if accelerator.is_main_process:
         written = write_outputs(rows, out_dir, plots=not args.no_plots)
         print(format_table(rows))
@@ -288,6 +301,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True,
                    help="results.jsonl (resumed if present), results.json/.csv/.md and the PNG plots go here")
     p.add_argument("--no-baseline", action="store_true", help="skip the unreduced row")
+    p.add_argument("--reference-vit", metavar="PATH",
+                   help="saved transformers ViT folder: add its unreduced row and ToMe rows (method vit_tome, "
+                        "constant r per layer solved for each ratio) as a reference series")
+    p.add_argument("--reference-tolerance", type=float, default=0.01,
+                   help="largest gap between a requested FLOPs cut and ToMe's nearest (default: 0.01)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)

@@ -130,6 +130,7 @@ def evaluate_model(
     num_workers: int = 0,
     progress: bool = True,
     description: str = "eval",
+    summary: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` (rows with ``pixel_values`` and ``labels``; see ``data.load_image_dataset``).
 
@@ -141,6 +142,8 @@ def evaluate_model(
         mixed_precision: ``no``, ``fp16`` or ``bf16`` (only used when no accelerator is passed).
         num_workers: DataLoader worker processes.
         progress: show a tqdm bar on the main process.
+        summary: the method/ratio/FLOPs fields for a model without storm-hf's ``count_flops`` (e.g. a
+            transformers ViT under ToMe, ``tools.vit_tome``); default: read from the storm-hf model.
 
     Returns (identical on every process) a dict with ``top1``, ``top5`` (fractions), ``n_samples``,
     ``img_per_s`` (forward passes only, first batch excluded as warm-up when a process has several;
@@ -165,7 +168,8 @@ def evaluate_model(
         raise ValueError("Dataset rows have no pixel_values: load it with an image processor "
                          "(storm_hf.tools.data.load_image_dataset(..., image_processor=...)).")
     image_size = tuple(int(s) for s in first["pixel_values"].shape[-2:])
-    summary = {**storm_summary(model), **flops_summary(model, image_size)}  # fails fast if infeasible
+    if summary is None:
+        summary = {**storm_summary(model), **flops_summary(model, image_size)}  # fails fast if infeasible
 
     accelerator = accelerator if accelerator is not None else Accelerator(mixed_precision=mixed_precision)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_batch,

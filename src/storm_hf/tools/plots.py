@@ -28,7 +28,11 @@ def _pyplot() -> Any:
 
 
 def plot_sweep(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
-    """Write the two PNGs for the feasible rows; the unreduced baseline is a star on every figure."""
+    """Write the two PNGs for the feasible rows; the unreduced baseline is a star on every figure.
+
+    Reference rows from another model (``reference_model`` set, e.g. ToMe on a ViT) are a dashed series
+    whose ratio-0 point, that model unreduced, is a hollow star.
+    """
     plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,12 +41,17 @@ def plot_sweep(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
         raise ValueError("No feasible sweep rows to plot.")
     baseline = [r for r in ok if r["method"] == "none"]
     methods = sorted({r["method"] for r in ok} - {"none"})
+    references = {r["method"] for r in ok if "reference_model" in r}
     written = {}
     for name, (filename, x_key, x_label) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
         for method in methods:
             points = sorted((r[x_key], 100 * r["top1"]) for r in ok if r["method"] == method)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            style = {"linestyle": "--", "marker": "s"} if method in references else {"marker": "o"}
+            line, = ax.plot([p[0] for p in points], [p[1] for p in points], label=method, **style)
+            for row in (r for r in ok if r["method"] == method and method in references and not r.get("ratio")):
+                ax.scatter([row[x_key]], [100 * row["top1"]], marker="*", s=160, facecolors="none",
+                           edgecolors=line.get_color(), zorder=3, label=f"{method} unreduced")
         for row in baseline:
             ax.scatter([row[x_key]], [100 * row["top1"]], marker="*", s=160, color="black", zorder=3,
                        label="unreduced")

@@ -120,7 +120,7 @@ def run_sweep(
         setup: what identifies this sweep (model, data, split, limit, ...); stored in every row and
             compared on resume so results of different setups never mix.
         references: extra rows from other models, ``{name: fn(ratio)}``, stored and resumed like the rest
-            (the hook for a ToMe-on-ViT reference).
+            (the hook for a ToMe-on-ViT reference); with ``include_baseline`` each is also run at ratio 0.
         evaluate_fn: the evaluation loop (``evaluate_model``'s signature).
 
     Returns all rows of the results file (old and new), in file order. The model's STORM setting is restored.
@@ -130,7 +130,9 @@ def run_sweep(
     results_path = Path(results_path)
     setup = {"batch_size": batch_size, **(setup or {})}
     points = plan_points(methods, ratios, include_baseline)
-    reference_points = [SweepPoint(name, round(float(r), 6)) for name in (references or {}) for r in ratios]
+    # a reference at ratio 0 is its own unreduced model (e.g. the plain ViT), run along with the baseline
+    reference_ratios = dict.fromkeys(([0.0] if include_baseline else []) + [round(float(r), 6) for r in ratios])
+    reference_points = [SweepPoint(name, r) for name in (references or {}) for r in reference_ratios]
     accelerator = accelerator if accelerator is not None else Accelerator(mixed_precision=mixed_precision)
     rows = read_rows(results_path)
     _check_setup(rows, setup, results_path)
