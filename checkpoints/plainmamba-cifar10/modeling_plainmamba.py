@@ -209,7 +209,8 @@ class PlainMambaMixer(nn.Module):
         dir_b = self.direction_Bs[direction].transpose(1, 2).to(b_raster.dtype)  # (4, N, L) by step
         B = b_raster.transpose(1, 2).unsqueeze(1) + dir_b.unsqueeze(0)  # (B, 4, N, L)
 
-        if ordered_scan_enabled(x.device, n_state, x.dtype):
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if ordered_scan_enabled(x.device, n_state, x.dtype, default=True, needs_grad=needs_grad):
             # Triton: the kernel reads u along each path and sums the 4 outputs in raster order itself.
             y = ordered_selective_scan(
                 x, dt, A, B, c_raster.transpose(1, 2), order, D=self.D.float(), delta_bias=dt_bias,

@@ -27,8 +27,9 @@ choice (Triton for CUDA tensors when it imports, else chunked).
 over one raster-ordered input and returns their sum in raster order. On Triton the kernel reads
 each direction's order by index and accumulates the merged output itself (no permuted copies); the
 other backends run :func:`ordered_selective_scan_reference` (gather, :func:`selective_scan`,
-scatter-sum). Models take that path only where it resolves to Triton (:func:`ordered_scan_enabled`;
-``STORM_HF_ORDERED_SCAN=0`` turns it off), so CPU results stay those of the materialised code.
+scatter-sum). Models take that path only for inference, only where it resolves to Triton and where it
+measured faster (:func:`ordered_scan_enabled`: PlainMamba yes, VMamba no; ``STORM_HF_ORDERED_SCAN=1``/``0``
+overrides), so CPU results and training stay those of the materialised code.
 """
 from __future__ import annotations
 
@@ -601,10 +602,28 @@ def _load_ordered_triton():
     return _ordered_fn
 
 
-def ordered_scan_enabled(device: torch.device, d_state: int, dtype: Optional[torch.dtype] = None) -> bool:
-    """Whether a model should use the fused ordered scan: the scan resolves to Triton here and the
-    ``STORM_HF_ORDERED_SCAN`` environment variable is not ``0`` (set it to compare with the materialised path)."""
-    if os.environ.get(ORDERED_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+def ordered_scan_enabled(
+    device: torch.device,
+    d_state: int,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    default: bool = True,
+    needs_grad: bool = False,
+) -> bool:
+    """Whether a model should run its scan orders through the fused ordered kernel.
+
+    Only for inference (``needs_grad`` False) and only where the scan resolves to Triton. Measured on an
+    H100 (BENCHMARKS.md): the ordered forward is 1.1-1.2x faster for PlainMamba but 0.3-0.7x for VMamba at
+    224 px (its column-major directions read with a stride of W), and the ordered backward is slower for
+    both and failed one whole-model gradient check on CUDA, so training always uses the materialised path.
+    ``default`` is the architecture's choice; ``STORM_HF_ORDERED_SCAN=1`` / ``=0`` overrides it.
+    """
+    if needs_grad:
+        return False
+    setting = os.environ.get(ORDERED_ENV_VAR, "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting not in ("1", "true", "yes", "on") and not default:
         return False
     if resolve_backend(None, device, d_state, dtype) != "triton":
         return False

@@ -214,7 +214,9 @@ class VMambaSS2D(nn.Module):
             u = self.conv2d(u)
         u = self.act(u)
 
-        if ordered_scan_enabled(u.device, state, u.dtype):
+        # the ordered kernel measured slower for VMamba (strided column-major reads): opt-in only
+        needs_grad = torch.is_grad_enabled() and u.requires_grad
+        if ordered_scan_enabled(u.device, state, u.dtype, default=False, needs_grad=needs_grad):
             y, dts = self._ordered_scan(u)
             y = y.view(batch, inner, height, width).permute(0, 2, 3, 1)
         else:
