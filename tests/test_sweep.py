@@ -214,3 +214,12 @@ def test_cli_sweep_writes_everything_and_resumes(tmp_path, setup, capsys):
     append_row(tmp_path / "out" / "results.jsonl", {**rows[1], "key": "marker"})  # resumed, not rewritten
     assert main(args) == 0
     assert [r["key"] for r in read_rows(tmp_path / "out" / "results.jsonl")] == ["none@0", "storm_tome@0.1", "marker"]
+
+
+def test_throughput_plot_keeps_one_device_only():
+    from storm_hf.tools.plots import rows_of_main_device
+
+    rows = [{"method": "none", "device": "H100"}, {"method": "tome", "device": "H100"},
+            {"method": "vit_tome", "device": "cpu (2 threads)"}]
+    shown, device = rows_of_main_device(rows)
+    assert device == "H100" and [r["method"] for r in shown] == ["none", "tome"]
