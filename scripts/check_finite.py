@@ -37,13 +37,13 @@ def load(source: str):
     return model, int(kwargs.get("image_size", 224))
 
 
-def check(source: str, batch: int) -> list[dict]:
+def check(source: str, batch: int, device: str = "cuda") -> list[dict]:
     rows = []
     base, size = load(source)
     base = base.float()
-    x = torch.randn(batch, 3, size, size, device="cuda") * 1.5
+    x = torch.randn(batch, 3, size, size, device=device) * 1.5
     for dtype in (torch.bfloat16, torch.float16):
-        model = copy.deepcopy(base).to("cuda", dtype).eval()
+        model = copy.deepcopy(base).to(device, dtype).eval()
         for method, ratio in SETTINGS:
             model.set_storm(method=method, flops_ratio=ratio)
             try:
@@ -52,17 +52,17 @@ def check(source: str, batch: int) -> list[dict]:
                 continue  # e.g. a single-stage model on 32x32 has no schedule near 0.3: nothing to check
             with torch.no_grad():
                 logits = model(x.to(dtype)).logits
-            rows.append({"model": source, "dtype": str(dtype).split(".")[-1], "method": method, "ratio": ratio,
+            rows.append({"model": source, "device": device, "dtype": str(dtype).split(".")[-1], "method": method, "ratio": ratio,
                          "what": "forward", "finite": bool(torch.isfinite(logits).all()),
                          "max_abs": float(logits.float().abs().max())})
-    model = base.to("cuda", torch.float32).train()
+    model = base.to(device, torch.float32).train()
     model.set_storm(method="none", flops_ratio=None)
-    labels = torch.randint(0, model.config.num_labels, (batch,), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    labels = torch.randint(0, model.config.num_labels, (batch,), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = model(x, labels=labels).loss
     loss.backward()
     grads_ok = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    rows.append({"model": source, "dtype": "bf16-autocast", "method": "none", "ratio": None, "what": "train step",
+    rows.append({"model": source, "device": device, "dtype": "bf16-autocast", "method": "none", "ratio": None, "what": "train step",
                  "finite": bool(torch.isfinite(loss)) and bool(grads_ok), "max_abs": float(loss.detach())})
     return rows
 
@@ -72,11 +72,12 @@ def main() -> int:
     parser.add_argument("--checkpoints", nargs="*", default=[])
     parser.add_argument("--presets", nargs="*", default=[])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda", help="cuda (Triton scan) or cpu (PyTorch scan)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     rows = []
     for source in args.checkpoints + args.presets:
-        rows += check(source, args.batch)
+        rows += check(source, args.batch, args.device)
     print("| model | dtype | method | ratio | what | finite | max abs logit / loss |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
