@@ -13,7 +13,7 @@ NAMES = {"storm_tome": "**STORM(ToMe)**", "storm_evit": "**STORM(EViT)**", "evit
 
 
 def pivot(rows: list[dict]) -> str:
-    """Markdown table; infeasible points say so, the achieved FLOPs cut is shown when it differs from r."""
+    """Markdown table; infeasible points say so; a point run at a snapped ratio says at which."""
     base = next(r for r in rows if r["method"] == "none" and r.get("status") == "ok")["top1"]
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "none" and r["ratio"]})
     methods = [m for m in NAMES if any(r["method"] == m for r in rows)]
@@ -32,7 +32,8 @@ def pivot(rows: list[dict]) -> str:
                 cells.append("infeasible")
             else:
                 delta = f" ({100 * (row['top1'] - ref):+.1f})" if ref is not None else ""
-                cells.append(f"{100 * row['top1']:.1f}{delta}")
+                used = f" at {row['ratio_used']:g}" if row.get("ratio_used") else ""
+                cells.append(f"{100 * row['top1']:.1f}{delta}{used}")
         label = NAMES[method] + (f" ({100 * ref:.1f} unreduced)" if method == "vit_tome" and ref else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -223,3 +223,35 @@ def test_throughput_plot_keeps_one_device_only():
             {"method": "vit_tome", "device": "cpu (2 threads)"}]
     shown, device = rows_of_main_device(rows)
     assert device == "H100" and [r["method"] for r in shown] == ["none", "tome"]
+
+
+def test_snap_runs_the_nearest_reachable_ratio_and_retries_old_infeasible_points(tmp_path, setup):
+    from storm_hf.tools.evaluation import nearest_feasible_ratio
+
+    model, dataset = setup
+    path = tmp_path / "r.jsonl"
+    plain = run_sweep(model, dataset, METHODS, RATIOS, path, setup={"model": "tiny"}, batch_size=4,
+                      progress=False, log=lambda s: None)
+    infeasible = [r["key"] for r in plain if r["status"] == "infeasible"]
+    assert infeasible
+    evaluate = Counting()
+    rows = run_sweep(model, dataset, METHODS, RATIOS, path, setup={"model": "tiny"}, batch_size=4, snap=0.1,
+                     evaluate_fn=evaluate, progress=False, log=lambda s: None)
+    assert sorted(evaluate.calls) == sorted(infeasible)  # only the old infeasible points were retried
+    assert [r["key"] for r in rows] == [r["key"] for r in plain]  # one row per point, in the same order
+    for row in rows:
+        if row["key"] not in infeasible:
+            assert "ratio_used" not in row
+            continue
+        expected = nearest_feasible_ratio(model, row["method"], row["ratio"], (32, 32), max_shift=0.1)
+        if expected is None:
+            assert row["status"] == "infeasible" and row["snap"] == 0.1
+        else:
+            assert row["status"] == "ok" and row["ratio_used"] == expected != row["ratio"]
+            assert abs(row["flops_cut"] - expected) <= 0.01 + 1e-9
+    assert any(r.get("ratio_used") for r in rows)
+    assert read_rows(path) == rows  # the file's last row per key wins
+    again = Counting()
+    run_sweep(model, dataset, METHODS, RATIOS, path, setup={"model": "tiny"}, batch_size=4, snap=0.1,
+              evaluate_fn=again, progress=False, log=lambda s: None)
+    assert again.calls == []  # infeasible even with this snap: not retried again

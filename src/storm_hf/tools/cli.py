@@ -208,7 +208,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                                   progress=not args.no_progress)}
     rows = run_sweep(model, dataset, args.methods, args.ratios, out_dir / "results.jsonl", setup=setup,
                      batch_size=args.batch_size, accelerator=accelerator, include_baseline=not args.no_baseline,
-                     references=references, progress=not args.no_progress)
+                     references=references, progress=not args.no_progress, snap=args.snap)
     if accelerator.is_main_process:
         written = write_outputs(rows, out_dir, plots=not args.no_plots)
         print(format_table(rows))
@@ -300,6 +300,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--output-dir", required=True,
                    help="results.jsonl (resumed if present), results.json/.csv/.md and the PNG plots go here")
+    p.add_argument("--snap", type=float, default=0.0, metavar="SHIFT",
+                   help="when a ratio is unreachable, evaluate the nearest reachable ratio within SHIFT instead "
+                        "(e.g. 0.05; recorded as ratio_used); a resumed sweep retries its infeasible points")
     p.add_argument("--no-baseline", action="store_true", help="skip the unreduced row")
     p.add_argument("--reference-vit", metavar="PATH",
                    help="saved transformers ViT folder: add its unreduced row and ToMe rows (method vit_tome, "

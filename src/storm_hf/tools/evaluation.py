@@ -261,8 +261,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {row['method']} | {_fmt(row.get('ratio'), '.3g')} | infeasible: {row.get('reason', '')} "
                          "| | | | | | |")
             continue
+        ratio = _fmt(row.get("ratio"), ".3g") + (f" (ran {row['ratio_used']:g})" if row.get("ratio_used") else "")
         lines.append(
-            f"| {row['method']} | {_fmt(row.get('ratio'), '.3g')} | {_fmt(row.get('gflops'), '.4g')} "
+            f"| {row['method']} | {ratio} | {_fmt(row.get('gflops'), '.4g')} "
             f"| {_fmt(row.get('flops_cut'), '.1%')} | {_fmt(_pct(row.get('top1')), '.2f')} "
             f"| {_fmt(_pct(row.get('top5')), '.2f')} | {_fmt(row.get('img_per_s'), '.1f')} "
             f"| {row.get('n_samples', '')} | {row.get('device', '')}, {row.get('batch_size', '')} |"

@@ -3,7 +3,9 @@
 Every finished (method, ratio) point is appended to a JSON-lines file by rewriting it atomically (temp
 file + ``os.replace``), so a sweep killed at any moment leaves either the old or the new file, never half
 a row; run it again with the same file and it evaluates only the missing points. Points the budget solver
-cannot reach (it raises ``ValueError``) are recorded as ``status: "infeasible"`` rows with the reason.
+cannot reach (it raises ``ValueError``) are recorded as ``status: "infeasible"`` rows with the reason; with
+``snap`` the nearest reachable ratio within that distance is evaluated instead (``ratio`` stays the requested
+point, ``ratio_used`` says what ran), and a resumed sweep with a larger ``snap`` retries its infeasible points.
 """
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .evaluation import evaluate_model, format_table
+from .evaluation import evaluate_model, format_table, nearest_feasible_ratio
 
 #: a reference run outside the swept model (hook for e.g. ToMe on a ViT): ``fn(ratio) -> row dict`` with at
 #: least ``gflops``, ``top1``, ``top5``, ``img_per_s``; it may raise ValueError for an infeasible ratio.
 ReferenceRun = Callable[[float], dict]
 
-CSV_COLUMNS = ("method", "ratio", "status", "reason", "gflops", "gflops_unreduced", "flops_cut", "top1", "top5",
+CSV_COLUMNS = ("method", "ratio", "ratio_used", "status", "reason", "gflops", "gflops_unreduced", "flops_cut", "top1", "top5",
                "n_samples", "img_per_s", "device", "batch_size", "num_processes", "mixed_precision", "image_size")
 
 
@@ -54,7 +56,7 @@ def plan_points(methods: Sequence[str], ratios: Sequence[float], include_baselin
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a results file (missing file: none)."""
+    """The rows of a results file (missing file: none); a key written again (a retried point) keeps its last row."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -67,7 +69,12 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} line {number} is not JSON ({err}); it was edited by hand? "
                              "Fix or delete that line to resume.") from err
-    return rows
+    return _latest_per_key(rows)
+
+
+def _latest_per_key(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    latest = {row.get("key", id(row)): row for row in rows}  # dicts keep first-insertion order of keys
+    return list(latest.values())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -113,6 +120,7 @@ def run_sweep(
     evaluate_fn: Callable[..., dict] = evaluate_model,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    snap: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` at every (method, ratio), appending each finished row to ``results_path``.
 
@@ -122,6 +130,8 @@ def run_sweep(
         references: extra rows from other models, ``{name: fn(ratio)}``, stored and resumed like the rest
             (the hook for a ToMe-on-ViT reference); with ``include_baseline`` each is also run at ratio 0.
         evaluate_fn: the evaluation loop (``evaluate_model``'s signature).
+        snap: when a ratio is unreachable, evaluate the nearest reachable one within this distance instead
+            (0: record the point as infeasible). Small inputs (a 16x16 grid) reach only a few FLOPs cuts.
 
     Returns all rows of the results file (old and new), in file order. The model's STORM setting is restored.
     """
@@ -136,7 +146,8 @@ def run_sweep(
     accelerator = accelerator if accelerator is not None else Accelerator(mixed_precision=mixed_precision)
     rows = read_rows(results_path)
     _check_setup(rows, setup, results_path)
-    done = {row["key"] for row in rows}
+    done = {row["key"] for row in rows
+            if not (snap and row.get("status") == "infeasible" and row.get("snap", 0.0) < snap)}
     image_size = tuple(int(s) for s in dataset[0]["pixel_values"].shape[-2:])
     saved_storm = model.config.storm
 
@@ -144,7 +155,7 @@ def run_sweep(
         if accelerator.is_main_process:
             append_row(results_path, row)
         accelerator.wait_for_everyone()
-        rows.append(row)
+        rows[:] = _latest_per_key(rows + [row])
         done.add(row["key"])
 
     try:
@@ -157,10 +168,18 @@ def run_sweep(
                     result = dict(references[point.method](point.ratio))
                 else:
                     model.set_storm(method=point.method, flops_ratio=point.ratio or None, schedule=None)
-                    model.count_flops(image_size)  # the budget solver raises ValueError when unreachable
+                    try:
+                        model.count_flops(image_size)  # the budget solver raises ValueError when unreachable
+                    except ValueError:
+                        used = nearest_feasible_ratio(model, point.method, point.ratio, image_size, max_shift=snap) \
+                            if snap and point.ratio else None
+                        if used is None:
+                            raise
+                        model.set_storm(method=point.method, flops_ratio=used, schedule=None)
+                        base["ratio_used"] = used
                     result = None
             except ValueError as err:
-                record({**base, "status": "infeasible", "reason": str(err)})
+                record({**base, "status": "infeasible", "reason": str(err), **({"snap": snap} if snap else {})})
                 if accelerator.is_main_process:
                     log(f"{point.key}: infeasible ({err})")
                 continue
