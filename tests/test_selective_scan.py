@@ -349,3 +349,29 @@ def test_non_contiguous_inputs():
     expected = scan_loop(**inputs)
     assert_matches(selective_scan_reference(**strided), expected)
     assert_matches(selective_scan_chunked(**strided, chunk_size=4), expected)
+
+
+@pytest.mark.parametrize(
+    "shape, flat_bc, with_z",
+    [((3, 12, 37, 16, 4), False, True), ((2, 6, 50, 1, 2), False, False), ((5, 8, 19, 4, 1), True, True)],
+)
+def test_cpu_inference_scan_in_cache_sized_blocks_is_the_same_scan(shape, flat_bc, with_z, monkeypatch):
+    """Blocking over (batch rows, channels within a group) changes the memory traffic, not the result."""
+    batch, channels, length, n_state, groups = shape
+    x = make_inputs(batch, channels, length, n_state, groups, seed=3, flat_bc=flat_bc)
+    if not with_z:
+        x["z"], x["D"] = None, None
+    with torch.inference_mode():
+        whole = ss.selective_scan_chunked(**x)
+        monkeypatch.setattr(ss, "CPU_BLOCK_ELEMENTS", 2 * n_state * length)  # forces several blocks
+        rows, width = ss._cache_block(batch, channels // groups, n_state, length)
+        assert rows * width <= 2 and (channels // groups) % width == 0
+        blocked = ss.selective_scan_chunked(**x)
+    assert_matches(blocked, whole, rtol=1e-6)
+    assert_matches(blocked, scan_loop(**{k: (v.double() if v is not None else None) for k, v in x.items()}))
+
+
+def test_blocking_is_only_for_large_cpu_inference_calls():
+    assert ss._cache_block(1, 64, 1, 256) is None  # small enough for one pass
+    rows, width = ss._cache_block(16, 256, 16, 256)  # the CIFAR PlainMamba scan
+    assert rows * width * 16 * 256 <= ss.CPU_BLOCK_ELEMENTS and 256 % width == 0
