@@ -774,3 +774,15 @@ def test_vmamba_flops_ratio_is_solved_from_its_own_counter(vmamba):
         vmamba.set_storm(method="none", flops_ratio=None, positions=None)
     assert abs(cut - 0.25) <= 0.01 and schedule and all(h == w for h, w in schedule.values())
     assert torch.isfinite(logits).all()
+
+
+def test_a_classifier_reports_the_schedule_its_backbone_runs():
+    """With a heavy head, solving with the head's FLOPs could pick another schedule than the forward runs."""
+    from storm_hf import VMambaConfig, VMambaForImageClassification
+
+    config = VMambaConfig(dims=[16, 32, 64, 128], depths=[2, 2, 4, 2], patch_size=2, num_labels=1000)
+    with torch.device("meta"):
+        model = VMambaForImageClassification(config)
+    for method in ("storm_tome", "storm_evit", "evit"):
+        model.set_storm(method=method, flops_ratio=0.3)
+        assert model.storm_schedule((32, 32)) == model.vmamba.storm_schedule((32, 32)), method

@@ -19,15 +19,18 @@ t+1. Gradients of B and C (shared by a group's channels) are summed over the til
 added atomically across programs; per-channel parameter gradients (A, D, delta_bias) are written
 per batch element and summed in PyTorch, which keeps them deterministic.
 
-`ordered_selective_scan_triton` is the same recurrence for K scan orders of one raster-ordered
+`ordered_selective_scan_triton` is the same forward recurrence for K scan orders of one raster-ordered
 input (see the section "ordered scan" below): inputs are read through the order, the K outputs are
-summed in raster order inside the kernel.
+summed in raster order inside the kernel. It has no backward: `ordered_selective_scan` sends calls
+that need gradients through the materialised path (a fused backward measured slower, BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+from .selective_scan import ORDERED_INPUTS
 
 try:  # every triton import stays inside this try: transformers' remote-code checker then treats triton as optional
     import triton
@@ -605,10 +608,10 @@ def selective_scan_triton(
 # order[k, l] (a gather, instead of a materialised permuted copy); one "by step" is read at l. An
 # input shared by the directions has direction stride 0. One program owns one batch element and
 # BLOCK_D channels and runs the K directions one after another, so the merged output (raster order)
-# and the gradients of shared inputs are accumulated by plain load-add-store in that program: no
-# atomics, a fixed summation order, and a barrier between directions makes the previous direction's
-# stores visible to every thread of the program. Accumulation runs in an fp32 buffer; the last
-# direction writes the result in the output's dtype (the buffer *is* the output when that is fp32).
+# is accumulated by plain load-add-store in that program: no atomics, a fixed summation order, and a
+# barrier between directions makes the previous direction's stores visible to every thread of the
+# program. Accumulation runs in an fp32 buffer; the last direction writes the result in the output's
+# dtype (the buffer *is* the output when that is fp32). Forward only (inference).
 
 
 @triton.jit
@@ -632,25 +635,21 @@ def _ordered_load_chunk(u_base, dt_base, B_base, C_base, ord_base, l_idx, d_mask
 
 
 @triton.jit
-def _accumulate_store(acc_base, out_base, idx, value, mask, k, n_dirs, SHARED: tl.constexpr):
-    # Shared across directions: add what earlier directions left in the fp32 buffer, keep the sum
-    # there, and write the last direction's total in the output dtype. Per direction: plain store.
-    if SHARED:
-        value += tl.load(acc_base + idx, mask=mask & (k > 0), other=0.0)
-        last = k == n_dirs - 1
-        tl.store(acc_base + idx, value, mask=mask & (k < n_dirs - 1))
-        tl.store(out_base + idx, value, mask=mask & last)
-    else:
-        tl.store(out_base + idx, value, mask=mask)
+def _accumulate_store(acc_base, out_base, idx, value, mask, k, n_dirs):
+    # Add what earlier directions left in the fp32 buffer, keep the sum there, and write the last
+    # direction's total in the output dtype.
+    value += tl.load(acc_base + idx, mask=mask & (k > 0), other=0.0)
+    tl.store(acc_base + idx, value, mask=mask & (k < n_dirs - 1))
+    tl.store(out_base + idx, value, mask=mask & (k == n_dirs - 1))
 
 
 @triton.jit
 def _ordered_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, acc_ptr, out_ptr, state_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, acc_ptr, out_ptr,
     length, n_state, channels, n_dirs, n_chunks,
     s_u_b, s_u_k, s_u_c, s_dt_b, s_dt_k, s_dt_c, s_B_b, s_B_k, s_B_n, s_C_b, s_C_k, s_C_n, s_A_k, s_D_k, s_bias_k,
     U_POS: tl.constexpr, DT_POS: tl.constexpr, B_POS: tl.constexpr, C_POS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -674,7 +673,6 @@ def _ordered_fwd_kernel(
         B_base = B_ptr + b * s_B_b + k * s_B_k + n_idx * s_B_n
         C_base = C_ptr + b * s_C_b + k * s_C_k + n_idx * s_C_n
         ord_base = order_ptr + k * length
-        st_base = state_ptr + (((b * n_dirs + k) * channels + d_loc) * n_state + n_idx) * n_chunks
 
         pos_n, u_n, dt_n, B_n, C_n = _ordered_load_chunk(
             u_base, dt_base, B_base, C_base, ord_base, l_loc, d_mask, n_mask, length, U_POS, DT_POS, B_POS, C_POS)
@@ -695,8 +693,6 @@ def _ordered_fwd_kernel(
                 dt = dt + bias
             if SOFTPLUS:
                 dt = _softplus(dt)
-            if STORE_STATES:
-                tl.store(st_base + c, h, mask=dn_mask)
             decay = tl.exp2(dt * A2)
             drive = (dt * u) * Bt
             a_cum, b_cum = tl.associative_scan((decay, drive), 2, _linear_combine)
@@ -704,136 +700,9 @@ def _ordered_fwd_kernel(
             y = tl.sum(hs * Ct, axis=1, keep_dims=True)
             if HAS_D:
                 y += Dv * u
-            _accumulate_store(acc_ptr + row, out_ptr + row, pos, y, dl_mask, k, n_dirs, True)
+            _accumulate_store(acc_ptr + row, out_ptr + row, pos, y, dl_mask, k, n_dirs)
             h = tl.sum(tl.where(l_loc == BLOCK_L - 1, hs, 0.0), axis=2, keep_dims=True)
         tl.debug_barrier()  # this direction's sums are visible to every thread before the next adds
-
-
-@triton.jit
-def _ordered_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, order_ptr, dy_ptr, state_ptr,
-    du_acc_ptr, du_ptr, ddt_acc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
-    length, n_state, channels, n_dirs, n_chunks,
-    s_u_b, s_u_k, s_u_c, s_dt_b, s_dt_k, s_dt_c, s_B_b, s_B_k, s_B_n, s_C_b, s_C_k, s_C_n, s_A_k, s_D_k, s_bias_k,
-    s_dy_b, s_dy_c, u_rows, dt_rows, s_dB_b, s_dB_k, s_dC_b, s_dC_k,
-    U_POS: tl.constexpr, DT_POS: tl.constexpr, B_POS: tl.constexpr, C_POS: tl.constexpr,
-    U_SHARED: tl.constexpr, DT_SHARED: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    d_loc = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)[:, None, None]
-    d_mask = d_loc < channels
-    n_idx = tl.arange(0, N_PAD)[None, :, None]
-    n_mask = n_idx < n_state
-    dn_mask = d_mask & n_mask
-    l_loc = tl.arange(0, BLOCK_L)[None, None, :]
-    dy_base = dy_ptr + b * s_dy_b + d_loc * s_dy_c
-
-    for k in range(0, n_dirs):
-        A = tl.load(A_ptr + k * s_A_k + d_loc * n_state + n_idx, mask=dn_mask, other=0.0).to(tl.float32)
-        A2 = A * 1.4426950408889634
-        if HAS_D:
-            Dv = tl.load(D_ptr + k * s_D_k + d_loc, mask=d_mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + k * s_bias_k + d_loc, mask=d_mask, other=0.0).to(tl.float32)
-        u_base = u_ptr + b * s_u_b + k * s_u_k + d_loc * s_u_c
-        dt_base = dt_ptr + b * s_dt_b + k * s_dt_k + d_loc * s_dt_c
-        B_base = B_ptr + b * s_B_b + k * s_B_k + n_idx * s_B_n
-        C_base = C_ptr + b * s_C_b + k * s_C_k + n_idx * s_C_n
-        ord_base = order_ptr + k * length
-        st_base = state_ptr + (((b * n_dirs + k) * channels + d_loc) * n_state + n_idx) * n_chunks
-        # Gradient rows (contiguous buffers): a shared input's rows are the same for every direction.
-        du_row = (b * u_rows + (0 if U_SHARED else k * channels) + d_loc) * length
-        ddt_row = (b * dt_rows + (0 if DT_SHARED else k * channels) + d_loc) * length
-        dB_base = dB_ptr + b * s_dB_b + k * s_dB_k + n_idx * length  # fp32 buffers shaped like B and C
-        dC_base = dC_ptr + b * s_dC_b + k * s_dC_k + n_idx * length
-
-        carry = tl.zeros((BLOCK_D, N_PAD, 1), dtype=tl.float32)
-        dA_acc = tl.zeros((BLOCK_D, N_PAD, 1), dtype=tl.float32)
-        dD_acc = tl.zeros((BLOCK_D, 1, 1), dtype=tl.float32)
-        dbias_acc = tl.zeros((BLOCK_D, 1, 1), dtype=tl.float32)
-
-        l_last = (n_chunks - 1) * BLOCK_L + l_loc
-        pos_n, u_n, v_n, B_n, C_n = _ordered_load_chunk(
-            u_base, dt_base, B_base, C_base, ord_base, l_last, d_mask, n_mask, length, U_POS, DT_POS, B_POS, C_POS)
-        dy_n = tl.load(dy_base + pos_n, mask=d_mask & (l_last < length), other=0.0)
-        for cc in range(0, n_chunks):
-            c = n_chunks - 1 - cc
-            l_idx = c * BLOCK_L + l_loc
-            l_mask = l_idx < length
-            dl_mask = d_mask & l_mask
-            nl_mask = n_mask & l_mask
-            pos = pos_n
-            u = u_n.to(tl.float32)
-            v = v_n.to(tl.float32)
-            Bt = B_n.to(tl.float32)
-            Ct = C_n.to(tl.float32)
-            dy = dy_n.to(tl.float32)
-            # Prefetch the previous chunk (negative steps are masked off: at c = 0 nothing loads).
-            l_pre = l_idx - BLOCK_L
-            l_pre_c = tl.where(l_pre >= 0, l_pre, length)
-            pos_n, u_n, v_n, B_n, C_n = _ordered_load_chunk(
-                u_base, dt_base, B_base, C_base, ord_base, l_pre_c, d_mask, n_mask, length,
-                U_POS, DT_POS, B_POS, C_POS)
-            dy_n = tl.load(dy_base + pos_n, mask=d_mask & (l_pre_c < length), other=0.0)
-
-            if HAS_BIAS:
-                v = v + bias
-            if SOFTPLUS:
-                dt, dsoftplus = _softplus_and_grad(v)
-            else:
-                dt = v
-            h0 = tl.load(st_base + c, mask=dn_mask, other=0.0)
-            decay = tl.exp2(dt * A2)
-            dtu = dt * u
-            drive = dtu * Bt
-            a_cum, b_cum = tl.associative_scan((decay, drive), 2, _linear_combine)
-            hs = a_cum * h0 + b_cum
-            if HAS_D:
-                dD_acc += tl.sum(dy * u, axis=2, keep_dims=True)
-
-            src = dy * Ct
-            zeros = tl.broadcast_to(dy * 0.0, decay.shape)
-            decay_r = tl.flip(decay, 2)
-            a_r, p_r, o_r, x_r = tl.associative_scan(
-                (decay_r, zeros + 1.0, decay_r * tl.flip(src, 2), zeros), 2, _adjoint_combine
-            )
-            gh = src + tl.flip(x_r + p_r * carry, 2)
-            carry = tl.sum(tl.where(l_loc == BLOCK_L - 1, o_r + a_r * carry, 0.0), axis=2, keep_dims=True)
-
-            dB_t = tl.sum(gh * dtu, axis=0, keep_dims=True)
-            dC_t = tl.sum(hs * dy, axis=0, keep_dims=True)
-            tl.atomic_add(dB_base + (pos if B_POS else l_idx), dB_t, mask=nl_mask, sem="relaxed")
-            tl.atomic_add(dC_base + (pos if C_POS else l_idx), dC_t, mask=nl_mask, sem="relaxed")
-
-            gB = tl.sum(gh * Bt, axis=1, keep_dims=True)
-            du = dt * gB
-            if HAS_D:
-                du += Dv * dy
-            g_prev = gh * (hs - drive)
-            ddt = u * gB + tl.sum(g_prev * A, axis=1, keep_dims=True)
-            dA_acc += tl.sum(g_prev * dt, axis=2, keep_dims=True)
-            if SOFTPLUS:
-                ddt = ddt * dsoftplus
-            ddt = tl.where(dl_mask, ddt, 0.0)
-            dbias_acc += tl.sum(ddt, axis=2, keep_dims=True)
-            _accumulate_store(du_acc_ptr + du_row, du_ptr + du_row, pos if U_POS else l_idx, du, dl_mask,
-                              k, n_dirs, U_SHARED)
-            _accumulate_store(ddt_acc_ptr + ddt_row, ddt_ptr + ddt_row, pos if DT_POS else l_idx, ddt, dl_mask,
-                              k, n_dirs, DT_SHARED)
-
-        part = (b * n_dirs + k) * channels + d_loc
-        tl.store(dA_part_ptr + part * n_state + n_idx, dA_acc, mask=dn_mask)
-        if HAS_D:
-            tl.store(dD_part_ptr + part, dD_acc, mask=d_mask)
-        if HAS_BIAS:
-            tl.store(dbias_part_ptr + part, dbias_acc, mask=d_mask)
-        tl.debug_barrier()
-
-
-ORDERED_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
-ORDERED_INDEXED = ("u", "delta", "B", "C")
 
 
 def _check_ordered(u, delta, A, B, C, order, D, delta_bias, per_direction, by_step) -> tuple[int, int, int, int, int]:
@@ -892,101 +761,22 @@ def _ordered_geometry(u, delta, A, B, C, per_direction, by_step, channels) -> tu
 
 
 def _ordered_forward(u, delta, A, B, C, order, D, delta_bias, per_direction, by_step, delta_softplus, out_dtype,
-                     store_states, cfg):
+                     cfg):
     batch, channels, length = u.shape[0], u.shape[1] // (order.shape[0] if "u" in per_direction else 1), u.shape[2]
-    n_dirs, n_state = order.shape[0], A.shape[1]
-    if store_states:
-        block_l, block_d, warps = cfg["BLOCK_L"], cfg["FWD_BLOCK_D"], cfg["FWD_WARPS"]
-    else:
-        block_l, block_d, warps = cfg["INFER_BLOCK_L"], cfg["INFER_BLOCK_D"], cfg["INFER_WARPS"]
+    n_dirs = order.shape[0]
+    block_l, block_d, warps = cfg["INFER_BLOCK_L"], cfg["INFER_BLOCK_D"], cfg["INFER_WARPS"]
     n_chunks = triton.cdiv(length, block_l)
     out = torch.empty((batch, channels, length), device=u.device, dtype=out_dtype)
     acc = out if out_dtype == torch.float32 or n_dirs == 1 else torch.empty_like(out, dtype=torch.float32)
-    shape = (batch, n_dirs, channels, n_state, n_chunks)
-    states = torch.empty(shape, device=u.device, dtype=torch.float32) if store_states else out
     strides, flags = _ordered_geometry(u, delta, A, B, C, per_direction, by_step, channels)
     grid = (batch, triton.cdiv(channels, block_d))
     _ordered_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else u, delta_bias if delta_bias is not None else u, order,
-        acc, out, states, length, n_state, channels, n_dirs, n_chunks, *strides, **flags,
+        acc, out, length, A.shape[1], channels, n_dirs, n_chunks, *strides, **flags,
         HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        STORE_STATES=bool(store_states), BLOCK_D=block_d, N_PAD=cfg["N_PAD"], BLOCK_L=block_l, num_warps=warps,
+        BLOCK_D=block_d, N_PAD=cfg["N_PAD"], BLOCK_L=block_l, num_warps=warps,
     )
-    return out, (states if store_states else None)
-
-
-def _ordered_backward(dy, u, delta, A, B, C, order, D, delta_bias, per_direction, by_step, delta_softplus,
-                      states, cfg):
-    n_dirs, length = order.shape
-    batch, channels = u.shape[0], u.shape[1] // (n_dirs if "u" in per_direction else 1)
-    n_state = A.shape[1]
-    n_chunks = states.shape[-1]
-    dev, f32 = u.device, torch.float32
-    du = torch.empty(u.shape, device=dev, dtype=u.dtype)
-    ddelta = torch.empty(delta.shape, device=dev, dtype=delta.dtype)
-    u_shared = "u" not in per_direction and n_dirs > 1
-    dt_shared = "delta" not in per_direction and n_dirs > 1
-    du_acc = du if not u_shared or u.dtype == f32 else torch.empty(u.shape, device=dev, dtype=f32)
-    ddt_acc = ddelta if not dt_shared or delta.dtype == f32 else torch.empty(delta.shape, device=dev, dtype=f32)
-    dB = torch.zeros(B.shape, device=dev, dtype=f32)
-    dC = torch.zeros(C.shape, device=dev, dtype=f32)
-    dA_part = torch.empty((batch, n_dirs, channels, n_state), device=dev, dtype=f32)
-    dD_part = torch.empty((batch, n_dirs, channels), device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty((batch, n_dirs, channels), device=dev, dtype=f32) if delta_bias is not None else None
-    strides, flags = _ordered_geometry(u, delta, A, B, C, per_direction, by_step, channels)
-    grid = (batch, triton.cdiv(channels, cfg["BWD_BLOCK_D"]))
-
-    def bc_strides(x):  # (batch, direction) strides of the contiguous fp32 dB / dC buffers
-        return x.shape[1] * n_state * length, (n_state * length if x.shape[1] > 1 else 0)
-
-    _ordered_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else u, delta_bias if delta_bias is not None else u, order, dy,
-        states, du_acc, du, ddt_acc, ddelta, dB, dC, dA_part,
-        dD_part if dD_part is not None else dA_part, dbias_part if dbias_part is not None else dA_part,
-        length, n_state, channels, n_dirs, n_chunks, *strides, dy.stride(0), dy.stride(1),
-        u.shape[1], delta.shape[1], *bc_strides(B), *bc_strides(C), **flags,
-        U_SHARED=u_shared, DT_SHARED=dt_shared,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        BLOCK_D=cfg["BWD_BLOCK_D"], N_PAD=cfg["N_PAD"], BLOCK_L=cfg["BLOCK_L"], num_warps=cfg["BWD_WARPS"],
-    )
-
-    def per_channel(part, name, shape):  # (batch, K, channels, ...) partials -> the parameter's shape
-        if part is None:
-            return None
-        total = part.sum(0)
-        return total.reshape(shape) if name in per_direction else total.sum(0)
-
-    return {
-        "u": du, "delta": ddelta, "B": dB, "C": dC,
-        "A": per_channel(dA_part, "A", A.shape), "D": per_channel(dD_part, "D", (-1,)),
-        "delta_bias": per_channel(dbias_part, "delta_bias", (-1,)),
-    }
-
-
-class _OrderedScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, order, per_direction, by_step, delta_softplus, out_dtype,
-                cfg):
-        needs_grad = any(ctx.needs_input_grad[:7])
-        out, states = _ordered_forward(u, delta, A, B, C, order, D, delta_bias, per_direction, by_step,
-                                       delta_softplus, out_dtype, needs_grad, cfg)
-        if needs_grad:
-            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, order, states)
-            ctx.settings = (per_direction, by_step, delta_softplus, cfg)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        u, delta, A, B, C, D, delta_bias, order, states = ctx.saved_tensors
-        per_direction, by_step, delta_softplus, cfg = ctx.settings
-        grads = _ordered_backward(_last_dim_contiguous(dy), u, delta, A, B, C, order, D, delta_bias,
-                                  per_direction, by_step, delta_softplus, states, cfg)
-        inputs = (u, delta, A, B, C, D, delta_bias)
-        out = []
-        for i, name in enumerate(ORDERED_INPUTS):
-            grad = grads[name]
-            out.append(grad.to(inputs[i].dtype) if ctx.needs_input_grad[i] and grad is not None else None)
-        return (*out, None, None, None, None, None, None)
+    return out
 
 
 def ordered_selective_scan_triton(
@@ -1005,8 +795,11 @@ def ordered_selective_scan_triton(
 ) -> torch.Tensor:
     """K-direction scan with merged raster output (contract: `ordered_selective_scan` in selective_scan.py).
 
-    ``order`` rows must be permutations of 0..L-1 (not checked here: the caller does).
+    Forward only. ``order`` rows must be permutations of 0..L-1 (not checked here: the caller does).
     """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, delta_bias)):
+        raise ValueError("ordered_selective_scan_triton has no backward; call ordered_selective_scan, which runs "
+                         "calls that need gradients through the materialised path.")
     per_direction, by_step = tuple(sorted(set(per_direction))), tuple(sorted(set(by_step)))
     if B.dim() == 3:
         B = B.unsqueeze(1)
@@ -1021,5 +814,5 @@ def ordered_selective_scan_triton(
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     cfg = launch_config(n_state, length, channels, u.element_size())
     out_dtype = u.dtype if out_dtype is None else out_dtype
-    return _OrderedScanFn.apply(u, delta, A, B, C, D, delta_bias, order, per_direction, by_step,
-                                bool(delta_softplus), out_dtype, cfg)
+    return _ordered_forward(u, delta, A, B, C, order, D, delta_bias, per_direction, by_step, delta_softplus,
+                            out_dtype, cfg)

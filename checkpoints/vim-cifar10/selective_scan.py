@@ -366,7 +366,6 @@ def _scan_in_blocks(block, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     batch, channels, length = u.shape
     groups = 1 if B.dim() == 3 else B.shape[1]
     per_group = channels // groups
-    first = None
     out = None
     for b0 in range(0, batch, rows):
         b1 = min(batch, b0 + rows)
@@ -380,16 +379,19 @@ def _scan_in_blocks(block, u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
                 out_dtype=out_dtype, chunk_size=chunk,
             )
             if out is None:
-                first = part
                 out = part.new_empty(batch, channels, length)
             out[b0:b1, c0:c1] = part
-    del first
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------------
+
+
+def _triton_interpreting() -> bool:
+    """Triton's CPU interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU tensors (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _load_triton():
@@ -489,7 +491,7 @@ def selective_scan(
             f"({type(_triton_error).__name__}: {_triton_error}). Install triton and use a CUDA device, or choose "
             "backend 'chunked'."
         )
-    if u.device.type != "cuda":
+    if u.device.type != "cuda" and not _triton_interpreting():
         raise ValueError(
             f"selective_scan: backend 'triton' needs CUDA tensors, got tensors on {u.device}; "
             "move the inputs to a GPU or choose backend 'chunked'."
@@ -507,9 +509,6 @@ def selective_scan(
 ORDERED_ENV_VAR = "STORM_HF_ORDERED_SCAN"
 ORDERED_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 ORDERED_INDEXED = ("u", "delta", "B", "C")
-_ordered_fn = None
-_ordered_error: Optional[BaseException] = None
-_ordered_tried = False
 
 
 def _flag_set(names, allowed: tuple[str, ...], what: str) -> frozenset:
@@ -641,17 +640,12 @@ def ordered_selective_scan_reference(
 
 
 def _load_ordered_triton():
-    """Import the ordered Triton kernel once; remember why it failed."""
-    global _ordered_fn, _ordered_error, _ordered_tried
-    if not _ordered_tried:
-        _ordered_tried = True
-        try:
-            from .selective_scan_triton import ordered_selective_scan_triton
+    """The ordered kernel, from the module :func:`_load_triton` imports (None when that import failed)."""
+    if _load_triton() is None:
+        return None
+    from .selective_scan_triton import ordered_selective_scan_triton
 
-            _ordered_fn = ordered_selective_scan_triton
-        except Exception as err:  # ImportError, or triton present but broken
-            _ordered_error = err
-    return _ordered_fn
+    return ordered_selective_scan_triton
 
 
 def ordered_scan_enabled(
@@ -666,8 +660,8 @@ def ordered_scan_enabled(
 
     Only for inference (``needs_grad`` False) and only where the scan resolves to Triton. Measured on an
     H100 (BENCHMARKS.md): the ordered forward is 1.1-1.2x faster for PlainMamba but 0.3-0.7x for VMamba at
-    224 px (its column-major directions read with a stride of W), and the ordered backward is slower for
-    both and failed one whole-model gradient check on CUDA, so training always uses the materialised path.
+    224 px (its column-major directions read with a stride of W); the kernel is forward-only (a fused
+    backward measured 0.54-0.70x), so training always uses the materialised path.
     ``default`` is the architecture's choice; ``STORM_HF_ORDERED_SCAN=1`` / ``=0`` overrides it.
     """
     if needs_grad:
@@ -711,7 +705,8 @@ def ordered_selective_scan(
     (default ``u.dtype``), accumulated in fp32.
 
     Backends as :func:`selective_scan`: ``"triton"`` runs the fused kernel (no permuted copies, the
-    merge accumulated inside it); the others run :func:`ordered_selective_scan_reference`.
+    merge accumulated inside it) when no gradient is needed; calls that need gradients, and the other
+    backends, run :func:`ordered_selective_scan_reference` (with the chosen backend's scan).
     ``check_order=False`` skips the permutation check (a sort: callers with fixed orders skip it).
     """
     if not isinstance(u, torch.Tensor) or u.dim() != 3:
@@ -728,16 +723,18 @@ def ordered_selective_scan(
     _check_ordered_shapes(u, delta, A, B, C, D, delta_bias, n_dirs, per_direction)
     name = resolve_backend(backend, u.device, A.shape[1], u.dtype)
     args = (u, delta, A, B, C, order, D, delta_bias, per_direction, by_step, delta_softplus)
-    if name != "triton":
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, delta_bias))
+    if name != "triton" or needs_grad:  # the fused kernel is forward-only: gradients take the materialised path
         return ordered_selective_scan_reference(*args, backend=name, out_dtype=out_dtype)
     fn = _load_ordered_triton()
     if fn is None:
         raise RuntimeError(
             "ordered_selective_scan: backend 'triton' was requested but the Triton kernel could not be imported "
-            f"({type(_ordered_error).__name__}: {_ordered_error}). Install triton and use a CUDA device, or choose "
+            f"({type(_triton_error).__name__}: {_triton_error}). Install triton and use a CUDA device, or choose "
             "backend 'chunked'."
         )
-    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if u.device.type != "cuda" and not _triton_interpreting():
         raise ValueError(
             f"ordered_selective_scan: backend 'triton' needs CUDA tensors, got tensors on {u.device}; "
             "move the inputs to a GPU or choose backend 'chunked'."

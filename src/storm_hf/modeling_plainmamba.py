@@ -581,9 +581,6 @@ class PlainMambaForImageClassification(PlainMambaPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
-    def storm_schedule(self, image_size):  # share the schedule cache with the backbone that runs it
-        return self.plainmamba.storm_schedule(image_size)
-
     def forward(
         self,
         pixel_values: torch.Tensor,

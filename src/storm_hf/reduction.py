@@ -871,7 +871,14 @@ class StormMixin:
         return StormConfig.from_any(self.config.storm)
 
     def storm_schedule(self, image_size: Grid) -> dict[Position, Grid]:
-        """``{(stage, block): (H', W')}``: the grid after each reducing block's mixer, for this input size."""
+        """``{(stage, block): (H', W')}``: the grid after each reducing block's mixer, for this input size.
+
+        A task model (classifier) asks its backbone, which solves and caches the schedule its forward runs:
+        solving here with the head's FLOPs counted could pick another schedule than the one that runs.
+        """
+        backbone = getattr(self, "base_model", self)
+        if backbone is not self and isinstance(backbone, StormMixin):
+            return backbone.storm_schedule(image_size)
         cfg = self.storm_config
         size = _as_grid(image_size)
         if not cfg.enabled:
@@ -1075,14 +1082,7 @@ class StormMixin:
         positions = self._storm_positions(cfg, natural)
         if not positions:
             raise ValueError("No positions to reduce at: set `positions` in the storm config.")
-        base = _total(self._flops(size, {}))
-        seen: dict[tuple, float] = {}
-
-        def cut(schedule: Mapping[Position, Grid]) -> float:
-            key = tuple(sorted(schedule.items()))
-            if key not in seen:
-                seen[key] = 1.0 - _total(self._flops(size, dict(schedule))) / base
-            return seen[key]
+        cut = self._flops_cut(size)
 
         def build(targets: Callable[[Position, Grid], Optional[Grid]]) -> dict[Position, Grid]:
             def rule(pos: Position, incoming: Grid) -> Optional[Grid]:
