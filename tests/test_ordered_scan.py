@@ -8,6 +8,7 @@ through Triton's interpreter (`TRITON_INTERPRET=1`, tiny shapes). Whole-model pa
 """
 from __future__ import annotations
 
+import math
 import os
 import zlib
 
@@ -290,7 +291,10 @@ def _kernel_vs_reference(shape, flags, dtype, seed, device=DEVICE):
         if not ref.any():  # dA with L = 1
             assert got.abs().max() < 1e-6, name
             continue
-        assert rel_err(got, ref) < TOL[dtype], f"grad of {name}: {rel_err(got, ref):.2e}"
+        # An input shared by the K directions gets the sum of K per-direction gradients, each rounded to the
+        # input dtype by the scan: sqrt(K) roundings where a per-direction input has one.
+        tol = TOL[dtype] * (math.sqrt(n_dirs) if name not in per_direction and dtype != torch.float32 else 1)
+        assert rel_err(got, ref) < tol, f"grad of {name}: {rel_err(got, ref):.2e}"
 
 
 INTERPRET_SHAPES = [(1, 3, 19, 2, 4), (2, 2, 9, 1, 2), (1, 2, 1, 3, 4)]
@@ -395,6 +399,11 @@ def test_models_ordered_backward_matches_materialised_on_cuda(arch, dtype, monke
     want, want_grads = run()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert rel_err(got, want) < tol
-    for name in want_grads:
-        if want_grads[name].norm() > 0:
-            assert rel_err(got_grads[name], want_grads[name]) < 10 * tol, name
+    # A gradient far below the model's gradient scale (e.g. A_logs of a random-init last stage, ~1e-20) is
+    # the residue of cancelling sums, whose rounding depends on the summation order; measure every error
+    # against max(its own norm, 1e-6 x the largest gradient norm) instead of its own norm alone.
+    largest = max(float(g.norm()) for g in want_grads.values())
+    for name, ref in want_grads.items():
+        scale = max(float(ref.norm()), 1e-6 * largest)
+        err = float((got_grads[name].double() - ref.double()).norm()) / scale
+        assert err < 10 * tol, f"{name}: {err:.2e} (grad norm {float(ref.norm()):.2e}, largest {largest:.2e})"
