@@ -56,6 +56,11 @@ def time_forward(model, batch: torch.Tensor, warmup: int, iters: int) -> tuple[f
     return batch.shape[0] * iters / seconds, torch.cuda.max_memory_allocated() / 2**30
 
 
+def write(args: argparse.Namespace, gpu: str, rows: list[dict]) -> None:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, args=vars(args), rows=rows), indent=1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
@@ -113,8 +118,7 @@ def main() -> int:
                   f"{speedup:.3f} | {ideal:.3f} | {speedup / ideal:.3f} | {mem:.2f} |", flush=True)
         del model, batch
         torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, args=vars(args), rows=rows), indent=1))
+        write(args, gpu, rows)  # after every preset: a run cut short keeps what it measured
     print(f"\nwrote {args.out}")
     return 0
 

@@ -76,13 +76,14 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     rows = []
-    for source in args.checkpoints + args.presets:
-        rows += check(source, args.batch, args.device)
     print("| model | dtype | method | ratio | what | finite | max abs logit / loss |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['dtype']} | {r['method']} | {r['ratio']} | {r['what']} | {r['finite']} | "
-              f"{r['max_abs']:.3g} |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for source in args.checkpoints + args.presets:  # rows print as each model finishes
+        found = check(source, args.batch, args.device)
+        for r in found:
+            print(f"| {r['model']} | {r['dtype']} | {r['method']} | {r['ratio']} | {r['what']} | {r['finite']} | "
+                  f"{r['max_abs']:.3g} |", flush=True)
+        rows += found
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "check_finite.json").write_text(json.dumps(rows, indent=1))
     bad = [r for r in rows if not r["finite"]]

@@ -7,6 +7,7 @@ FLOPs and grids are written out here independently of the mixin.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -786,3 +787,65 @@ def test_a_classifier_reports_the_schedule_its_backbone_runs():
     for method in ("storm_tome", "storm_evit", "evit"):
         model.set_storm(method=method, flops_ratio=0.3)
         assert model.storm_schedule((32, 32)) == model.vmamba.storm_schedule((32, 32)), method
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fast STORM(ToMe) apply: source groups + gathers instead of a scatter-add
+# ----------------------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(case=storm_case(), similarity=st.sampled_from(["l1", "cosine"]), dtype=st.sampled_from(["f32", "f64"]))
+def test_storm_groups_hold_exactly_the_tokens_of_each_slot_and_sum_like_the_scatter(case, similarity, dtype):
+    h, w, out_h, out_w, window, seed = case
+    dt = torch.float32 if dtype == "f32" else torch.float64
+    x, _ = _maps(seed, 2, h, w, 5, dtype=dt)
+    plan, _, _ = storm_plan(x, (out_h, out_w), kind="tome", window=window, similarity=similarity)
+    assert plan.groups is not None and plan.groups.shape == (2, out_h * out_w, 4)
+    for b in range(2):
+        for slot in range(out_h * out_w):
+            want = (plan.dest[b] == slot).nonzero()[:, 0].tolist()
+            got = [int(i) for i in plan.groups[b, slot] if i >= 0]
+            assert got == want  # the same tokens, ascending (the summation order of a sequential scatter)
+    fast, _ = plan.apply(x)
+    slow, _ = dataclasses.replace(plan, groups=None).apply(x)
+    assert torch.equal(fast, slow)  # CPU scatter-add sums in raster order: bit-identical
+
+
+def test_storm_groups_in_half_precision_round_once():
+    x, _ = _maps(3, 2, 14, 14, 8, dtype=torch.float32)
+    plan, _, _ = storm_plan(x, (8, 9), kind="tome", window=5)
+    for dtype in (torch.bfloat16, torch.float16):
+        got, _ = plan.apply(x.to(dtype))
+        assert got.dtype == dtype
+        # fp32 accumulation, one rounding to `dtype`: exactly the rounded exact sum (inputs are already in dtype)
+        exact_in_dtype, _ = dataclasses.replace(plan, groups=None).apply(x.to(dtype).double())
+        assert torch.equal(got, exact_in_dtype.to(dtype))
+
+
+def test_storm_mean_and_drop_plans_keep_the_general_arithmetic():
+    x, branch = _maps(4, 2, 10, 12, 3)
+    for mode in ("mean", "drop"):
+        cfg = StormConfig(method="storm_tome", merge_mode=mode)
+        plan, _, _ = storm_plan(x, (6, 7), kind="tome", merge_mode=mode)
+        assert (plan.groups is not None) == (mode != "drop")
+        out, _, _ = reduce_tokens(cfg, x, branch, (6, 7))
+        want, _ = dataclasses.replace(plan, groups=None).apply(x, None, "mean" if mode == "mean" else "sum")
+        torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 32, 33])
+def test_window_ranking_by_comparison_matches_a_stable_sort(window):
+    from storm_hf.reduction import _select_in_windows, window_budgets
+
+    g = torch.Generator().manual_seed(window)
+    scores = torch.randint(0, 4, (50, 71), generator=g).double()  # many ties
+    quotas = [min(q, min(window, 71 - i * window)) for i, q in enumerate(window_budgets(71, 30, window))]
+    got = _select_in_windows(scores, quotas, window)
+    for row in range(50):
+        for k, quota in enumerate(quotas):
+            part = scores[row, k * window:(k + 1) * window]
+            order = sorted(range(len(part)), key=lambda i: (-float(part[i]), i))[:quota]
+            want = torch.zeros(len(part), dtype=torch.bool)
+            want[order] = True
+            assert torch.equal(got[row, k * window:(k + 1) * window], want)

@@ -22,6 +22,16 @@ def test_travelling_code_matches_the_package(folder):
             f"{path} is stale: copy src/storm_hf/{path.name} into the checkpoint folder")
 
 
+@pytest.mark.parametrize("folder", STORM_FOLDERS, ids=lambda p: p.name)
+def test_travelling_code_is_complete(folder):
+    """Every sibling the travelling files import (lazy Triton modules included) travels with them."""
+    import re
+
+    wanted = {m for path in folder.glob("*.py") for m in re.findall(r"from \.(\w+) import", path.read_text())}
+    missing = sorted(f"{m}.py" for m in wanted if not (folder / f"{m}.py").is_file())
+    assert not missing, f"{folder.name} lacks {missing}: copy them from src/storm_hf/"
+
+
 @pytest.mark.parametrize("folder", STORM_FOLDERS + [ROOT / "checkpoints" / "vit-cifar10"], ids=lambda p: p.name)
 def test_loads_and_predicts_ten_classes(folder):
     from transformers import AutoImageProcessor, AutoModelForImageClassification

@@ -48,6 +48,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -240,6 +241,9 @@ class ReductionPlan:
     in_hw: Grid
     out_hw: Grid
     merges: bool
+    #: optional (B, H'*W', K): the flat input indices each slot sums, ascending, -1 = none. Plans whose slots
+    #: hold few tokens (STORM(ToMe): at most 4) set it, so a sum-merge is K gathers instead of a scatter-add.
+    groups: Optional[torch.Tensor] = None
 
     @property
     def num_out(self) -> int:
@@ -252,6 +256,8 @@ class ReductionPlan:
         b, h, w, c = x.shape
         n = self.num_out
         flat = x.reshape(b, h * w, c)
+        if self.merges and self.groups is not None and mode == "sum" and sizes is None:
+            return sum_groups(flat, self.groups).reshape(b, *self.out_hw, c), None
         if not self.merges:
             source = self._sources()
             out = flat.gather(1, source.unsqueeze(-1).expand(b, n, c))
@@ -278,6 +284,46 @@ class ReductionPlan:
         source = self.dest.new_zeros(b, self.num_out + 1)
         arange = torch.arange(length, device=self.dest.device).expand(b, length)
         return source.scatter_(1, self.dest, arange)[:, : self.num_out]
+
+
+def sum_groups(flat: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) -> (B, N, C): every slot's sum of ``flat[b, groups[b, n, k]]`` over its valid k (index >= 0).
+
+    Half-precision inputs accumulate in fp32 and round once. On CUDA the fused Triton kernel of
+    ``reduction_triton.py`` does it in one pass when Triton is available; this is its reference.
+    """
+    kernel = _load_groups_kernel() if flat.is_cuda and flat.dtype != torch.float64 else None
+    if kernel is not None:
+        return kernel(flat, groups)
+    b, _, c = flat.shape
+    acc_dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
+    out = None
+    for k in range(groups.shape[-1]):  # ascending sources: the order a sequential scatter-add sums in
+        index = groups[..., k]
+        taken = flat.gather(1, index.clamp(min=0).unsqueeze(-1).expand(b, index.shape[1], c)).to(acc_dtype)
+        taken = torch.where((index >= 0).unsqueeze(-1), taken, taken.new_zeros(()))
+        out = taken if out is None else out + taken
+    return out.to(flat.dtype)
+
+
+_groups_kernel: Optional[Callable] = None
+_groups_kernel_tried = False
+
+
+def _load_groups_kernel() -> Optional[Callable]:
+    """The Triton gather-sum, imported once; None without Triton (or with ``STORM_HF_REDUCTION_KERNEL=0``)."""
+    global _groups_kernel, _groups_kernel_tried
+    if os.environ.get("STORM_HF_REDUCTION_KERNEL", "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if not _groups_kernel_tried:
+        _groups_kernel_tried = True
+        try:
+            from .reduction_triton import sum_groups_triton
+
+            _groups_kernel = sum_groups_triton
+        except Exception:  # ImportError, or triton present but broken: the gathers above still work
+            _groups_kernel = None
+    return _groups_kernel
 
 
 def _identity_plan(batch: int, hw: Grid, device: torch.device) -> ReductionPlan:
@@ -317,12 +363,13 @@ def pair_similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor
 
 def token_importance(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token importance (..., C) -> (...) (EViT-style proxies: a vision SSM has no CLS attention)."""
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # no fp32 copy of the map
     if kind == "abs_mean":
-        return torch.linalg.vector_norm(x, 1, dim=-1) / x.shape[-1]
+        return torch.linalg.vector_norm(x, 1, dim=-1, dtype=acc) / x.shape[-1]
     if kind == "mean":
-        return x.mean(-1)
+        return x.mean(-1, dtype=acc)
     if kind == "l2":
-        return torch.linalg.vector_norm(x, 2, dim=-1) / math.sqrt(x.shape[-1])
+        return torch.linalg.vector_norm(x, 2, dim=-1, dtype=acc) / math.sqrt(x.shape[-1])
     raise ValueError(f"Unknown importance {kind!r}; choose one of {IMPORTANCES}.")
 
 
@@ -362,10 +409,27 @@ def _select_in_windows(scores: torch.Tensor, quotas: Sequence[int], window: int)
     num_windows = -(-n // w)
     pad = num_windows * w - n
     padded = F.pad(scores, (0, pad), value=float("-inf")) if pad else scores
-    order = padded.view(rows, num_windows, w).argsort(dim=-1, descending=True, stable=True)
-    arange = torch.arange(w, device=scores.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, arange).view(rows, -1)[:, :n]
+    windows = padded.view(rows, num_windows, w)
+    if w <= RANK_BY_COMPARISON:
+        # rank = how many units of the window beat this one (higher score, or equal and earlier): one
+        # broadcast comparison instead of a segmented sort, whose GPU radix sort dominated a whole step.
+        a, b = windows.unsqueeze(-1), windows.unsqueeze(-2)
+        rank = ((b > a) | ((b == a) & _earlier(w, scores.device))).sum(-1).view(rows, -1)[:, :n]
+    else:
+        order = windows.argsort(dim=-1, descending=True, stable=True)
+        arange = torch.arange(w, device=scores.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(-1, order, arange).view(rows, -1)[:, :n]
     return rank < _unit_quotas(n, tuple(quotas), w, scores.device)
+
+
+#: windows up to this many units are ranked by pairwise comparison (w*w work per window), longer ones sorted.
+RANK_BY_COMPARISON = 32
+
+
+@functools.lru_cache(maxsize=64)
+def _earlier(w: int, device: torch.device) -> torch.Tensor:
+    """(w, w) bool: [i, j] is True when unit j precedes unit i (the tie-break of a stable sort)."""
+    return torch.ones(w, w, dtype=torch.bool).tril(-1).to(device)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -384,13 +448,22 @@ def pair_merge_slots(
     """
     rows, length, _ = seq.shape
     pairs = length // 2
-    if budget > pairs:
-        raise ValueError(f"storm_tome can merge at most {pairs} pairs of a length-{length} line, not {budget}.")
     if budget == 0:
         return torch.arange(length, device=seq.device).expand(rows, length)
     scores = pair_similarity(seq[:, 0 : 2 * pairs : 2], seq[:, 1 : 2 * pairs : 2], similarity)
+    return _pair_merge_slots_from_scores(scores, length, budget, window, drop)
+
+
+def _pair_merge_slots_from_scores(scores: torch.Tensor, length: int, budget: int, window: int,
+                                  drop: bool) -> torch.Tensor:
+    """:func:`pair_merge_slots` given the similarity (N, L // 2) of every local pair."""
+    rows, pairs = scores.shape
+    if budget > pairs:
+        raise ValueError(f"storm_tome can merge at most {pairs} pairs of a length-{length} line, not {budget}.")
+    if budget == 0:
+        return torch.arange(length, device=scores.device).expand(rows, length)
     merged = _select_in_windows(scores, window_budgets(pairs, budget, window), window)
-    removed = torch.zeros(rows, length, dtype=torch.bool, device=seq.device)
+    removed = torch.zeros(rows, length, dtype=torch.bool, device=scores.device)
     removed[:, 0 : 2 * pairs : 2] = merged
     return _slots_from_mask(removed, length - budget if drop else None)
 
@@ -458,15 +531,67 @@ def storm_plan(
 
     merges = kind == "tome" and merge_mode != "drop"
     width_slots = line_slots(metric.reshape(b * h, w, -1), w - out_w).view(b, h, w)
+    last_w, count_w = _slot_runs(width_slots.view(b * h, w), out_w)
     if out_h == h:
         height_slots = torch.arange(h, device=metric.device).expand(b, out_w, h)
-    else:
+    elif merges and merge_mode == "mean":  # size-weighted means: the general plan arithmetic
         row_plan = _width_plan(width_slots, (h, w), out_w, merges)
-        mode = "mean" if merge_mode == "mean" else "sum"
-        reduced, _ = row_plan.apply(metric, sizes if merges else None, mode)
-        columns = reduced.transpose(1, 2).reshape(b * out_w, h, -1)
-        height_slots = line_slots(columns, h - out_h).view(b, out_w, h)
-    return _compose(width_slots, height_slots, out_hw, merges, (h, w)), width_slots, height_slots
+        reduced, _ = row_plan.apply(metric, sizes, "mean")
+        height_slots = line_slots(reduced.transpose(1, 2).reshape(b * out_w, h, -1), h - out_h).view(b, out_w, h)
+    else:
+        # Every row slot holds a run of <= 2 tokens: the row-reduced map is two gathers, and the column pairs
+        # (rows 2i, 2i+1) are scored where they lie, without a transposed copy of the map.
+        reduced = _sum_runs(metric.reshape(b * h, w, -1), last_w, count_w).view(b, h, out_w, -1)
+        if kind == "tome":
+            pairs = h // 2
+            scores = pair_similarity(reduced[:, 0 : 2 * pairs : 2], reduced[:, 1 : 2 * pairs : 2], similarity)
+            height_slots = _pair_merge_slots_from_scores(scores.transpose(1, 2).reshape(b * out_w, pairs), h,
+                                                         h - out_h, window, drop=not merges).view(b, out_w, h)
+        else:
+            height_slots = line_slots(reduced.transpose(1, 2).reshape(b * out_w, h, -1), h - out_h).view(b, out_w, h)
+    plan = _compose(width_slots, height_slots, out_hw, merges, (h, w))
+    if merges:
+        plan = dataclasses.replace(plan, groups=_storm_groups(last_w, count_w, height_slots, (h, w), out_hw))
+    return plan, width_slots, height_slots
+
+
+def _slot_runs(slots: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass's slots (N, L) in [0, n_out] (n_out = dropped; a slot's tokens are consecutive) -> the last
+    token of every slot (N, n_out) and how many tokens it holds (1, or 2 for a merged pair)."""
+    rows, length = slots.shape
+    position = torch.arange(length, device=slots.device).expand(rows, length)
+    last = slots.new_full((rows, n_out + 1), -1).scatter_reduce_(1, slots, position, "amax")
+    count = slots.new_zeros(rows, n_out + 1).scatter_add_(1, slots, torch.ones_like(position))
+    return last[:, :n_out], count[:, :n_out]
+
+
+def _sum_runs(seq: torch.Tensor, last: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(N, L, C) -> (N, n, C): each slot's run of 1-2 tokens summed (earlier token first, as a scatter-add)."""
+    rows, n = last.shape
+    c = seq.shape[-1]
+    tail = seq.gather(1, last.unsqueeze(-1).expand(rows, n, c))
+    head = seq.gather(1, (last - 1).clamp(min=0).unsqueeze(-1).expand(rows, n, c))
+    return torch.where((count == 2).unsqueeze(-1), head + tail, tail)
+
+
+def _storm_groups(last_w: torch.Tensor, count_w: torch.Tensor, height_slots: torch.Tensor, in_hw: Grid,
+                  out_hw: Grid) -> torch.Tensor:
+    """The (B, H'*W', 4) source groups of a composed STORM(ToMe) plan: slot (h', w') sums a run of <= 2 rows
+    of its column, each row slot a run of <= 2 tokens; -1 marks an absent source. Ascending flat indices."""
+    (h, w), (out_h, out_w) = in_hw, out_hw
+    b = height_slots.shape[0]
+    last_h, count_h = _slot_runs(height_slots.reshape(b * out_w, h), out_h)
+    last_h = last_h.view(b, out_w, out_h).transpose(1, 2)  # (B, H', W'): last source row of each slot
+    count_h = count_h.view(b, out_w, out_h).transpose(1, 2)
+    last_w, count_w = last_w.view(b, h, out_w), count_w.view(b, h, out_w)
+    sources = []
+    for row, row_present in ((last_h - 1, count_h == 2), (last_h, None)):
+        row = row.clamp(min=0)
+        tail = row * w + last_w.gather(1, row)
+        present = torch.ones_like(tail, dtype=torch.bool) if row_present is None else row_present
+        sources += [torch.where(present & (count_w.gather(1, row) == 2), tail - 1, -1),
+                    torch.where(present, tail, -1)]
+    return torch.stack(sources, -1).reshape(b, out_h * out_w, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -584,8 +709,9 @@ def plan_reduction(
     if cfg.method == "none" or out_hw == in_hw:
         return _identity_plan(b, in_hw, residual.device)
     extras = extras or {}
-    metric = _planning(residual)
     method = cfg.method
+    # importance scores reduce in fp32 themselves; similarities need an fp32 copy of the map (only those)
+    metric = _planning(residual) if method in ("storm_tome", "mtr") else residual.detach()
     if method in ("storm_tome", "storm_evit"):
         return storm_plan(
             metric, out_hw, kind=method[6:], window=cfg.resolved_window(window_defaults),
@@ -597,10 +723,11 @@ def plan_reduction(
     if method == "random":
         return random_plan(b, in_hw, out_hw, cfg.seed, residual.device)
     if method == "top":
-        signal = _planning(extras.get("branch", branch))
+        signal = extras.get("branch", branch).detach()
         if signal.shape[:3] != residual.shape[:3]:
             raise ValueError(f"extras['branch'] must be (B, H, W, D) like the residual, got {tuple(signal.shape)}.")
-        return _keep_top_plan(signal.clamp(min=0).sum(-1).reshape(b, -1), in_hw, out_hw)
+        score = signal.clamp(min=0).sum(-1, dtype=_planning(signal[:0]).dtype)  # fp32 sums, no fp32 copy
+        return _keep_top_plan(score.reshape(b, -1), in_hw, out_hw)
     drop = cfg.resolved_merge_mode() == "drop"
     if method == "tome":
         return tome_plan(_planning(branch).reshape(b, h * w, c), in_hw, out_hw, drop)

@@ -1,0 +1,81 @@
+"""The Triton plan-application kernel (`reduction_triton.py`) against its PyTorch reference, and the reduction
+step on CUDA against the CPU. Marked `gpu`: runs on the device, or on the CPU through Triton's interpreter
+(`TRITON_INTERPRET=1`)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from storm_hf import reduction
+from storm_hf.reduction import StormConfig, reduce_tokens, storm_plan, sum_groups
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.gpu
+needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+
+
+def _random_groups(batch: int, length: int, num_out: int, k: int, seed: int) -> torch.Tensor:
+    """Ascending source indices with absent (-1) entries, at least one source per slot."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, length, (batch, num_out, k), generator=g).sort(-1).values
+    absent = torch.rand(batch, num_out, k, generator=g) < 0.4
+    absent[..., -1] = False
+    return idx.masked_fill(absent, -1)
+
+
+@gpu
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 29, 3, 4), (3, 300, 190, 96, 4), (1, 64, 10, 200, 2), (2, 5, 0, 8, 4)],
+                         ids=lambda s: "b{}_L{}_N{}_C{}_K{}".format(*s))
+def test_sum_groups_kernel_equals_the_reference(shape, dtype):
+    from storm_hf.reduction_triton import sum_groups_triton
+
+    batch, length, num_out, channels, k = shape
+    flat = torch.randn(batch, length, channels, generator=torch.Generator().manual_seed(1)).to(dtype)
+    groups = _random_groups(batch, length, num_out, k, seed=2)
+    want = sum_groups(flat, groups)  # CPU reference: fp32 accumulation in ascending order, one rounding
+    got = sum_groups_triton(flat.to(DEVICE), groups.to(DEVICE))
+    assert got.dtype == dtype and got.shape == want.shape
+    if INTERPRET and not HAS_CUDA and dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16
+        torch.testing.assert_close(got.cpu().float(), want.float(), rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(got.cpu(), want)
+
+
+@gpu
+@needs_kernel
+def test_sum_groups_kernel_rejects_what_it_cannot_do():
+    from storm_hf.reduction_triton import sum_groups_triton
+
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+        sum_groups_triton(torch.zeros(1, 4, 2, dtype=torch.float64, device=DEVICE),
+                          torch.zeros(1, 2, 1, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="same B"):
+        sum_groups_triton(torch.zeros(2, 4, 2, device=DEVICE), torch.zeros(1, 2, 1, dtype=torch.long, device=DEVICE))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["storm_tome", "storm_evit", "tome", "evit"])
+def test_reduction_step_on_cuda_matches_cpu(method, monkeypatch):
+    calls = []
+    kernel = reduction._load_groups_kernel()
+    assert kernel is not None, "Triton plan kernel did not load on a CUDA machine"
+    monkeypatch.setattr(reduction, "_load_groups_kernel", lambda: (calls.append(1), kernel)[1])
+    g = torch.Generator().manual_seed(0)
+    x, branch = torch.randn(4, 28, 30, 48, generator=g), torch.randn(4, 28, 30, 48, generator=g)
+    cfg = StormConfig(method=method, flops_ratio=0.3)
+    want = reduce_tokens(cfg, x, branch, (20, 21))
+    got = reduce_tokens(cfg, x.cuda(), branch.cuda(), (20, 21))
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
+    assert bool(calls) == (method == "storm_tome")  # the kernel applies STORM(ToMe)'s sum-merge plans
+    plan_cpu, _, _ = storm_plan(x, (20, 21), kind="tome")
+    plan_gpu, _, _ = storm_plan(x.cuda(), (20, 21), kind="tome")
+    assert torch.equal(plan_gpu.dest.cpu(), plan_cpu.dest) and torch.equal(plan_gpu.groups.cpu(), plan_cpu.groups)
