@@ -61,13 +61,55 @@ def test_sum_groups_kernel_rejects_what_it_cannot_do():
 
 
 @gpu
+@needs_kernel
+@pytest.mark.parametrize("similarity", ["l1", "l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 9, 5), (1, 12, 16, 96), (2, 3, 1, 70)], ids=lambda s: "x".join(map(str, s)))
+def test_pair_score_kernels_match_the_reference(shape, dtype, similarity):
+    """Both passes' similarities: the row kernel on local pairs, the column kernel on the row-merged map it never
+    materialises, against pair_similarity on an fp32 copy (the reference path of storm_plan)."""
+    from storm_hf.reduction import _slot_runs, _sum_runs, pair_merge_slots, pair_similarity
+    from storm_hf.reduction_triton import column_pair_scores, row_pair_scores
+
+    b, h, w, c = shape
+    x = torch.randn(b, h, w, c, generator=torch.Generator().manual_seed(5)).to(dtype)
+    ref32 = x.float()
+    pairs = w // 2
+    want = pair_similarity(ref32[:, :, 0:2 * pairs:2], ref32[:, :, 1:2 * pairs:2], similarity)
+    got = row_pair_scores(x.to(DEVICE), similarity).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    out_w = w - pairs // 2
+    slots = pair_merge_slots(ref32.reshape(b * h, w, c), w - out_w, 5, similarity, drop=False)
+    last, count = _slot_runs(slots, out_w)
+    merged = _sum_runs(ref32.reshape(b * h, w, c), last, count).view(b, h, out_w, c)
+    rows = h // 2
+    want = pair_similarity(merged[:, 0:2 * rows:2], merged[:, 1:2 * rows:2], similarity)
+    got = column_pair_scores(x.to(DEVICE), last.view(b, h, out_w).to(DEVICE), count.view(b, h, out_w).to(DEVICE),
+                             similarity).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("similarity", ["l1", "cosine"])
+def test_storm_plan_with_kernels_equals_the_reference_plan(similarity, monkeypatch):
+    x = torch.randn(3, 28, 30, 64, generator=torch.Generator().manual_seed(6), device="cpu").cuda().bfloat16()
+    fast = storm_plan(x, (20, 21), kind="tome", similarity=similarity)
+    monkeypatch.setenv("STORM_HF_REDUCTION_KERNEL", "0")
+    slow = storm_plan(x, (20, 21), kind="tome", similarity=similarity)
+    for a, b in zip(fast[1:], slow[1:]):
+        assert torch.equal(a, b)
+    assert torch.equal(fast[0].dest, slow[0].dest) and torch.equal(fast[0].groups, slow[0].groups)
+
+
+@gpu
 @needs_cuda
 @pytest.mark.parametrize("method", ["storm_tome", "storm_evit", "tome", "evit"])
 def test_reduction_step_on_cuda_matches_cpu(method, monkeypatch):
     calls = []
-    kernel = reduction._load_groups_kernel()
-    assert kernel is not None, "Triton plan kernel did not load on a CUDA machine"
-    monkeypatch.setattr(reduction, "_load_groups_kernel", lambda: (calls.append(1), kernel)[1])
+    kernels = reduction._reduction_kernels(torch.zeros(1, device="cuda"))
+    assert kernels is not None, "Triton reduction kernels did not load on a CUDA machine"
+    monkeypatch.setattr(reduction, "_reduction_kernels", lambda x: (calls.append(1), kernels)[1] if x.is_cuda else None)
     g = torch.Generator().manual_seed(0)
     x, branch = torch.randn(4, 28, 30, 48, generator=g), torch.randn(4, 28, 30, 48, generator=g)
     cfg = StormConfig(method=method, flops_ratio=0.3)

@@ -292,9 +292,9 @@ def sum_groups(flat: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     Half-precision inputs accumulate in fp32 and round once. On CUDA the fused Triton kernel of
     ``reduction_triton.py`` does it in one pass when Triton is available; this is its reference.
     """
-    kernel = _load_groups_kernel() if flat.is_cuda and flat.dtype != torch.float64 else None
-    if kernel is not None:
-        return kernel(flat, groups)
+    kernels = _reduction_kernels(flat)
+    if kernels is not None:
+        return kernels.sum_groups_triton(flat, groups)
     b, _, c = flat.shape
     acc_dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
     out = None
@@ -306,24 +306,27 @@ def sum_groups(flat: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return out.to(flat.dtype)
 
 
-_groups_kernel: Optional[Callable] = None
-_groups_kernel_tried = False
+_kernels: Any = None
+_kernels_tried = False
 
 
-def _load_groups_kernel() -> Optional[Callable]:
-    """The Triton gather-sum, imported once; None without Triton (or with ``STORM_HF_REDUCTION_KERNEL=0``)."""
-    global _groups_kernel, _groups_kernel_tried
+def _reduction_kernels(x: torch.Tensor) -> Any:
+    """The Triton module ``reduction_triton`` when ``x`` is a CUDA fp32/fp16/bf16 tensor and Triton imports;
+    None otherwise, or with ``STORM_HF_REDUCTION_KERNEL=0`` (then the PyTorch references run)."""
+    global _kernels, _kernels_tried
+    if not x.is_cuda or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
     if os.environ.get("STORM_HF_REDUCTION_KERNEL", "").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if not _groups_kernel_tried:
-        _groups_kernel_tried = True
+    if not _kernels_tried:
+        _kernels_tried = True
         try:
-            from .reduction_triton import sum_groups_triton
+            from . import reduction_triton
 
-            _groups_kernel = sum_groups_triton
-        except Exception:  # ImportError, or triton present but broken: the gathers above still work
-            _groups_kernel = None
-    return _groups_kernel
+            _kernels = reduction_triton
+        except Exception:  # ImportError, or triton present but broken: the references still work
+            _kernels = None
+    return _kernels
 
 
 def _identity_plan(batch: int, hw: Grid, device: torch.device) -> ReductionPlan:
@@ -521,8 +524,13 @@ def storm_plan(
     """
     b, h, w, c = metric.shape
     out_h, out_w = out_hw
+    metric = metric.detach()
+    # On CUDA the pair similarities of both passes come from Triton kernels that read the 16-bit map directly
+    kernels = _reduction_kernels(metric) if kind == "tome" and merge_mode != "mean" else None
     if kind == "evit":
         metric = token_importance(metric, importance).unsqueeze(-1)  # scores survive pure drops unchanged
+    elif kernels is None:
+        metric = _planning(metric)
 
     def line_slots(lines: torch.Tensor, budget: int) -> torch.Tensor:
         if kind == "tome":
@@ -530,7 +538,11 @@ def storm_plan(
         return window_keep_slots(lines[..., 0], budget, window)
 
     merges = kind == "tome" and merge_mode != "drop"
-    width_slots = line_slots(metric.reshape(b * h, w, -1), w - out_w).view(b, h, w)
+    if kernels is not None and out_w < w:
+        scores = kernels.row_pair_scores(metric, similarity).view(b * h, w // 2)
+        width_slots = _pair_merge_slots_from_scores(scores, w, w - out_w, window, drop=not merges).view(b, h, w)
+    else:
+        width_slots = line_slots(metric.reshape(b * h, w, -1), w - out_w).view(b, h, w)
     last_w, count_w = _slot_runs(width_slots.view(b * h, w), out_w)
     if out_h == h:
         height_slots = torch.arange(h, device=metric.device).expand(b, out_w, h)
@@ -538,6 +550,10 @@ def storm_plan(
         row_plan = _width_plan(width_slots, (h, w), out_w, merges)
         reduced, _ = row_plan.apply(metric, sizes, "mean")
         height_slots = line_slots(reduced.transpose(1, 2).reshape(b * out_w, h, -1), h - out_h).view(b, out_w, h)
+    elif kernels is not None:
+        scores = kernels.column_pair_scores(metric, last_w.view(b, h, out_w), count_w.view(b, h, out_w), similarity)
+        height_slots = _pair_merge_slots_from_scores(scores.transpose(1, 2).reshape(b * out_w, h // 2), h, h - out_h,
+                                                     window, drop=not merges).view(b, out_w, h)
     else:
         # Every row slot holds a run of <= 2 tokens: the row-reduced map is two gathers, and the column pairs
         # (rows 2i, 2i+1) are scored where they lie, without a transposed copy of the map.
@@ -711,7 +727,7 @@ def plan_reduction(
     extras = extras or {}
     method = cfg.method
     # importance scores reduce in fp32 themselves; similarities need an fp32 copy of the map (only those)
-    metric = _planning(residual) if method in ("storm_tome", "mtr") else residual.detach()
+    metric = _planning(residual) if method == "mtr" else residual.detach()  # storm_plan upcasts where it must
     if method in ("storm_tome", "storm_evit"):
         return storm_plan(
             metric, out_hw, kind=method[6:], window=cfg.resolved_window(window_defaults),
