@@ -260,7 +260,11 @@ class ReductionPlan:
             return sum_groups(flat, self.groups).reshape(b, *self.out_hw, c), None
         if not self.merges:
             source = self._sources()
-            out = flat.gather(1, source.unsqueeze(-1).expand(b, n, c))
+            kernels = _reduction_kernels(flat)
+            if kernels is not None:  # a one-source gather-sum: the same copy at full bandwidth
+                out = kernels.sum_groups_triton(flat, source.unsqueeze(-1))
+            else:
+                out = flat.gather(1, source.unsqueeze(-1).expand(b, n, c))
             new_sizes = None if sizes is None else sizes.reshape(b, h * w).gather(1, source)
         else:
             index = self.dest.unsqueeze(-1)
