@@ -42,17 +42,20 @@ def cuda_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def kernel_table(fn, rows: int) -> str:
-    """The top CUDA kernels of one call (after a warm-up call), with their count: launch-bound or bandwidth-bound?"""
+def profile_step(fn):
+    """One call under the profiler (after a warm-up call): its events, summed GPU kernel time (ms), kernel count.
+
+    The CUDA-event timings above include host time whenever the GPU outruns the Python launching its small
+    kernels; inside a model the GPU is busy with the blocks meanwhile, so the kernel time is what a step costs.
+    """
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    return (f"{kernels} CUDA kernels\n"
-            + events.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+    cuda = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    return events, sum(e.self_device_time_total for e in cuda) / 1e3, sum(e.count for e in cuda)
 
 
 def main() -> int:
@@ -65,8 +68,9 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     rows, profiles = [], []
     print(f"{torch.cuda.get_device_name()}, {args.dtype}, {args.iters} iterations per cell (CUDA events)")
-    print("| shape | method | plan ms | apply ms (residual + branch) | whole step ms | copy-floor ms |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | method | plan ms | apply ms (residual + branch) | whole step ms | step GPU-kernel ms | "
+          "kernels | copy-floor ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, batch, in_hw, out_hw, channels in SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(batch, *in_hw, channels, device="cuda", dtype=dtype, generator=gen)
@@ -79,13 +83,15 @@ def main() -> int:
             plan_ms = cuda_ms(lambda: plan_reduction(cfg, x, branch, out_hw), args.iters)
             apply_ms = cuda_ms(lambda: (plan.apply(x, None, mode), plan.apply(branch, None, mode)), args.iters)
             step_ms = cuda_ms(lambda: reduce_tokens(cfg, x, branch, out_hw), args.iters)
+            events, kernel_ms, kernels = profile_step(lambda: reduce_tokens(cfg, x, branch, out_hw))
             rows.append({"shape": label, "batch": batch, "in_hw": in_hw, "out_hw": out_hw, "channels": channels,
                          "method": method, "plan_ms": plan_ms, "apply_ms": apply_ms, "step_ms": step_ms,
-                         "copy_floor_ms": floor})
-            print(f"| {label} | {method} | {plan_ms:.3f} | {apply_ms:.3f} | {step_ms:.3f} | {floor:.3f} |")
+                         "step_kernel_ms": kernel_ms, "step_kernels": kernels, "copy_floor_ms": floor})
+            print(f"| {label} | {method} | {plan_ms:.3f} | {apply_ms:.3f} | {step_ms:.3f} | {kernel_ms:.3f} | "
+                  f"{kernels} | {floor:.3f} |")
             if args.profile:
-                profiles.append((label, method, kernel_table(lambda: reduce_tokens(cfg, x, branch, out_hw),
-                                                             args.profile)))
+                profiles.append((label, method, events.table(sort_by="cuda_time_total", row_limit=args.profile,
+                                                             max_name_column_width=60)))
     for label, method, table in profiles:
         print(f"\ntop CUDA kernels of one {method} step, {label}:\n{table}")
     out = Path(args.out)

@@ -117,7 +117,22 @@ def test_reduction_step_on_cuda_matches_cpu(method, monkeypatch):
     got = reduce_tokens(cfg, x.cuda(), branch.cuda(), (20, 21))
     for a, b in zip(got[:2], want[:2]):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
-    assert bool(calls) == (method != "tome")  # kernels apply sum-merge and drop plans (tome merges by mean)
+    # kernels plan and apply STORM(ToMe); drop plans of this small map keep torch.gather; tome merges by mean
+    assert bool(calls) == (method == "storm_tome")
     plan_cpu, _, _ = storm_plan(x, (20, 21), kind="tome")
     plan_gpu, _, _ = storm_plan(x.cuda(), (20, 21), kind="tome")
     assert torch.equal(plan_gpu.dest.cpu(), plan_cpu.dest) and torch.equal(plan_gpu.groups.cpu(), plan_cpu.groups)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["storm_evit", "evit", "random"])
+def test_drop_plans_through_the_kernel_equal_the_gather(method, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x, branch = torch.randn(3, 20, 22, 40, generator=g).cuda(), torch.randn(3, 20, 22, 40, generator=g).cuda()
+    cfg = StormConfig(method=method, flops_ratio=0.3)
+    want = reduce_tokens(cfg, x, branch, (16, 18))
+    monkeypatch.setattr(reduction, "KERNEL_GATHER_MIN_ELEMENTS", 0)  # large-map path on a small map
+    got = reduce_tokens(cfg, x, branch, (16, 18))
+    for a, b in zip(got[:2], want[:2]):
+        assert torch.equal(a, b)

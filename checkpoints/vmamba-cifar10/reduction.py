@@ -260,8 +260,8 @@ class ReductionPlan:
             return sum_groups(flat, self.groups).reshape(b, *self.out_hw, c), None
         if not self.merges:
             source = self._sources()
-            kernels = _reduction_kernels(flat)
-            if kernels is not None:  # a one-source gather-sum: the same copy at full bandwidth
+            kernels = _reduction_kernels(flat) if flat.numel() >= KERNEL_GATHER_MIN_ELEMENTS else None
+            if kernels is not None:  # a one-source gather-sum: the same copy at 2x torch.gather's bandwidth
                 out = kernels.sum_groups_triton(flat, source.unsqueeze(-1))
             else:
                 out = flat.gather(1, source.unsqueeze(-1).expand(b, n, c))
@@ -312,6 +312,9 @@ def sum_groups(flat: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 _kernels: Any = None
 _kernels_tried = False
+#: drop plans use the Triton gather only on maps this large: on small ones its Python launch (tens of us) costs
+#: more than the GPU time it saves over one torch.gather launch (bench_reduction.py, H100).
+KERNEL_GATHER_MIN_ELEMENTS = 1 << 24
 
 
 def _reduction_kernels(x: torch.Tensor) -> Any:
