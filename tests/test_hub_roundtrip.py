@@ -81,6 +81,7 @@ def test_saved_folder_loads_without_storm_hf(tmp_path, arch):
     folder = save_model_folder(model, tmp_path / f"tiny-{arch}")
     files = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "reduction.py", "selective_scan.py",
+            "reduction_triton.py", "selective_scan_triton.py",
             f"configuration_{arch}.py", f"modeling_{arch}.py"} <= files, files
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}

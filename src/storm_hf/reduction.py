@@ -49,6 +49,7 @@ import functools
 import json
 import math
 import os
+import types
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -327,10 +328,11 @@ def _reduction_kernels(x: torch.Tensor) -> Any:
         return None
     if not _kernels_tried:
         _kernels_tried = True
-        try:
-            from . import reduction_triton
+        try:  # named imports from the sibling module: how transformers finds the files a checkpoint needs
+            from .reduction_triton import column_pair_scores, row_pair_scores, sum_groups_triton
 
-            _kernels = reduction_triton
+            _kernels = types.SimpleNamespace(row_pair_scores=row_pair_scores, column_pair_scores=column_pair_scores,
+                                             sum_groups_triton=sum_groups_triton)
         except Exception:  # ImportError, or triton present but broken: the references still work
             _kernels = None
     return _kernels
