@@ -26,14 +26,8 @@ from storm_hf.selective_scan import (
     ordered_selective_scan_reference,
     selective_scan,
 )
+from tests.gpu_markers import DEVICE, gpu, needs_cuda, needs_kernel
 from tests.tiny_configs import TINY_CONFIGS
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.gpu
-needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 
 # ‖out − ref‖ / ‖ref‖ bounds: fp32 arithmetic, and one rounding of each result to 16 bits.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -1,22 +1,14 @@
-"""The Triton plan-application kernel (`reduction_triton.py`) against its PyTorch reference, and the reduction
-step on CUDA against the CPU. Marked `gpu`: runs on the device, or on the CPU through Triton's interpreter
-(`TRITON_INTERPRET=1`)."""
+"""The Triton reduction kernels (`reduction_triton.py`: pair similarities, plan application) against their PyTorch
+references, and the reduction step on CUDA against the CPU. Marked `gpu`: runs on the device, or on the CPU through
+Triton's interpreter (`TRITON_INTERPRET=1`)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 from storm_hf import reduction
 from storm_hf.reduction import StormConfig, reduce_tokens, storm_plan, sum_groups
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-gpu = pytest.mark.gpu
-needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+from tests.gpu_markers import DEVICE, HAS_CUDA, INTERPRET, gpu, needs_cuda, needs_kernel
 
 
 def _random_groups(batch: int, length: int, num_out: int, k: int, seed: int) -> torch.Tensor:

@@ -6,21 +6,15 @@ interpreter (slow; used to develop the kernels without a GPU).
 from __future__ import annotations
 
 import math
-import os
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.gpu_markers import DEVICE, HAS_CUDA, INTERPRET, gpu, needs_kernel
 from tests.references.scan_reference import scan_loop
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-
-gpu = pytest.mark.gpu
-needs_kernel = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs CUDA (or TRITON_INTERPRET=1)")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 # ‖out − ref‖ / ‖ref‖ bounds (METHOD.md): fp32 arithmetic, and one rounding of each result to 16 bits.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -301,7 +301,7 @@ def sum_groups(flat: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     if kernels is not None:
         return kernels.sum_groups_triton(flat, groups)
     b, _, c = flat.shape
-    acc_dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
+    acc_dtype = _accumulation_dtype(flat.dtype)
     out = None
     for k in range(groups.shape[-1]):  # ascending sources: the order a sequential scatter-add sums in
         index = groups[..., k]
@@ -375,7 +375,7 @@ def pair_similarity(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor
 
 def token_importance(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token importance (..., C) -> (...) (EViT-style proxies: a vision SSM has no CLS attention)."""
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # no fp32 copy of the map
+    acc = _accumulation_dtype(x.dtype)  # the reductions upcast as they go: no fp32 copy of the map
     if kind == "abs_mean":
         return torch.linalg.vector_norm(x, 1, dim=-1, dtype=acc) / x.shape[-1]
     if kind == "mean":
@@ -559,21 +559,22 @@ def storm_plan(
         row_plan = _width_plan(width_slots, (h, w), out_w, merges)
         reduced, _ = row_plan.apply(metric, sizes, "mean")
         height_slots = line_slots(reduced.transpose(1, 2).reshape(b * out_w, h, -1), h - out_h).view(b, out_w, h)
-    elif kernels is not None:
-        scores = kernels.column_pair_scores(metric, last_w.view(b, h, out_w), count_w.view(b, h, out_w), similarity)
-        height_slots = _pair_merge_slots_from_scores(scores.transpose(1, 2).reshape(b * out_w, h // 2), h, h - out_h,
-                                                     window, drop=not merges).view(b, out_w, h)
-    else:
-        # Every row slot holds a run of <= 2 tokens: the row-reduced map is two gathers, and the column pairs
-        # (rows 2i, 2i+1) are scored where they lie, without a transposed copy of the map.
-        reduced = _sum_runs(metric.reshape(b * h, w, -1), last_w, count_w).view(b, h, out_w, -1)
-        if kind == "tome":
+    elif kind == "tome":
+        # Column pairs (rows 2i, 2i+1) of the row-reduced map, whose slots each hold a run of <= 2 tokens: the
+        # kernel sums the runs on the fly; the reference builds the map with two gathers and scores the pairs
+        # where they lie (no transposed copy).
+        if kernels is not None:
+            scores = kernels.column_pair_scores(metric, last_w.view(b, h, out_w), count_w.view(b, h, out_w),
+                                                similarity)
+        else:
+            reduced = _sum_runs(metric.reshape(b * h, w, -1), last_w, count_w).view(b, h, out_w, -1)
             pairs = h // 2
             scores = pair_similarity(reduced[:, 0 : 2 * pairs : 2], reduced[:, 1 : 2 * pairs : 2], similarity)
-            height_slots = _pair_merge_slots_from_scores(scores.transpose(1, 2).reshape(b * out_w, pairs), h,
-                                                         h - out_h, window, drop=not merges).view(b, out_w, h)
-        else:
-            height_slots = line_slots(reduced.transpose(1, 2).reshape(b * out_w, h, -1), h - out_h).view(b, out_w, h)
+        height_slots = _pair_merge_slots_from_scores(scores.transpose(1, 2).reshape(b * out_w, h // 2), h, h - out_h,
+                                                     window, drop=not merges).view(b, out_w, h)
+    else:  # storm_evit: the row pass only drops, so the reduced scores are one gather
+        reduced = _sum_runs(metric.reshape(b * h, w, -1), last_w, count_w).view(b, h, out_w, -1)
+        height_slots = line_slots(reduced.transpose(1, 2).reshape(b * out_w, h, -1), h - out_h).view(b, out_w, h)
     plan = _compose(width_slots, height_slots, out_hw, merges, (h, w))
     if merges:
         plan = dataclasses.replace(plan, groups=_storm_groups(last_w, count_w, height_slots, (h, w), out_hw))
@@ -699,8 +700,12 @@ def _random_slots(length: int, n_out: int, seed: int, device: torch.device) -> t
 
 def _planning(signal: torch.Tensor) -> torch.Tensor:
     """A detached planning signal in at least fp32, so half-precision ties do not decide the plan."""
-    signal = signal.detach()
-    return signal.float() if signal.dtype in (torch.float16, torch.bfloat16) else signal
+    return signal.detach().to(_accumulation_dtype(signal.dtype))
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit floats, else ``dtype``: what sums and scores of a map accumulate in."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _check_step(cfg: StormConfig, residual: torch.Tensor, branch: torch.Tensor, out_hw: Grid) -> None:
@@ -751,7 +756,7 @@ def plan_reduction(
         signal = extras.get("branch", branch).detach()
         if signal.shape[:3] != residual.shape[:3]:
             raise ValueError(f"extras['branch'] must be (B, H, W, D) like the residual, got {tuple(signal.shape)}.")
-        score = signal.clamp(min=0).sum(-1, dtype=_planning(signal[:0]).dtype)  # fp32 sums, no fp32 copy
+        score = signal.clamp(min=0).sum(-1, dtype=_accumulation_dtype(signal.dtype))  # no fp32 copy of the map
         return _keep_top_plan(score.reshape(b, -1), in_hw, out_hw)
     drop = cfg.resolved_merge_mode() == "drop"
     if method == "tome":
